@@ -1,0 +1,51 @@
+# One entry point for people and CI. `make run` serves, `make test` proves it works.
+SHELL := /bin/bash
+UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+PY := .venv/bin/python
+TINY := models/tiny-shapes/model.yaml
+PORT ?= 7777
+
+.PHONY: uv sync run demo test lint format hadolint train-tiny eval-tiny bench requirements
+
+# Install uv with pip when it is missing (the only bootstrap step).
+uv:
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv==0.13.9
+
+sync: uv
+	$(UV) sync --frozen
+
+run: sync
+	$(PY) REST.py
+
+# The whole service around the small model this project trains and ships.
+demo: sync
+	AUTO_UPDATE=$${AUTO_UPDATE:-false} MODEL_CONFIG=$(TINY) $(PY) REST.py --port $(PORT)
+
+lint: sync
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: sync
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+hadolint: sync
+	.venv/bin/hadolint Dockerfile
+
+test: sync lint hadolint
+	$(PY) -m pytest
+
+train-tiny: sync
+	$(PY) scripts/train_tiny_shapes.py
+
+eval-tiny: sync
+	rm -rf /tmp/tiny-eval && $(PY) scripts/train_tiny_shapes.py --sample 200 --seed 991 --out /tmp/tiny-eval
+	$(PY) scripts/eval_tiny_shapes.py /tmp/tiny-eval
+
+bench: sync
+	$(PY) benchmarks/model_speed.py
+	$(PY) benchmarks/load.py
+
+# requirements.installed.txt mirrors uv.lock for installs without uv (pip --no-deps).
+requirements: uv
+	$(UV) export --frozen --no-hashes --no-emit-project --all-groups -o requirements.installed.txt

@@ -1,0 +1,213 @@
+"""One inference worker fed by a bounded queue, batching requests that decode alike.
+
+The model is not thread-safe and a 2-core CPU gains nothing from running two forward passes at
+once, so exactly one worker thread calls it. HTTP threads `submit` work and wait on a future with
+their own deadline. Requests whose generation options are equal are merged into one batch of up to
+`max_batch_size`, waiting at most `batch_wait_ms` after the first one arrives. The worker knows
+nothing about the model: it calls `run_batch(images, options)` (Hugging Face TGI keeps its router
+apart from the model in the same way).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class QueueFull(Exception):
+    """The queue is at MAX_QUEUE; the caller should retry later (HTTP 503 + Retry-After)."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before its result was ready (HTTP 503)."""
+
+
+class WorkerStopped(Exception):
+    """The worker was stopped while the request was waiting."""
+
+
+@dataclass
+class _Job(Generic[Item, Result]):
+    item: Item
+    key: Hashable
+    options: Any
+    deadline: float
+    future: Future[Result] = field(default_factory=Future)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    """CUDA out-of-memory, detected without importing torch here."""
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+class Batcher(Generic[Item, Result]):
+    """Bounded queue + single worker thread with dynamic batching and per-request deadlines."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[Item], Any], Sequence[Result]],
+        *,
+        max_batch_size: int = 8,
+        batch_wait_ms: int = 10,
+        max_queue: int = 64,
+        name: str = "inference-worker",
+    ) -> None:
+        self._run_batch = run_batch
+        self.max_batch_size = max(1, max_batch_size)
+        self.batch_wait = max(0, batch_wait_ms) / 1000.0
+        self.max_queue = max(1, max_queue)
+        self._queue: deque[_Job[Item, Result]] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.batches_run = 0
+        self.items_run = 0
+        self.busy = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> Batcher[Item, Result]:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking work, fail what is queued, and wait briefly for the running batch."""
+        with self._cond:
+            self._stopping = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in pending:
+            job.future.set_exception(WorkerStopped("the inference worker stopped"))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not counting the batch being run)."""
+        return len(self._queue)
+
+    # -- client side -----------------------------------------------------------------------
+
+    def submit(self, item: Item, options: Any, key: Hashable, deadline: float) -> Future[Result]:
+        """Queue one item; raise QueueFull at once when the queue is at its bound."""
+        job: _Job[Item, Result] = _Job(item, key, options, deadline)
+        with self._cond:
+            if self._stopping:
+                raise WorkerStopped("the inference worker is stopped")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"queue is full ({self.max_queue} waiting)")
+            self._queue.append(job)
+            self._cond.notify_all()
+        return job.future
+
+    def run(self, item: Item, options: Any, key: Hashable, deadline: float) -> Result:
+        """Submit and wait until the result is ready or `deadline` (time.monotonic) passes."""
+        future = self.submit(item, options, key, deadline)
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            # Not started yet: the worker will drop it. Already running: the result is discarded.
+            future.cancel()
+            raise DeadlineExceeded("timed out waiting for the model") from None
+
+    # -- worker side -----------------------------------------------------------------------
+
+    def _take_batch(self) -> list[_Job[Item, Result]] | None:
+        """Block for the first job, then gather same-key jobs until the batch or the wait is full."""
+        with self._cond:
+            while not self._stopping:
+                self._drop_dead_locked()
+                if self._queue:
+                    break
+                self._cond.wait(timeout=0.5)
+            if self._stopping:
+                return None
+            first = self._queue.popleft()
+            batch = [first]
+            until = time.monotonic() + self.batch_wait
+            while len(batch) < self.max_batch_size:
+                self._drop_dead_locked()
+                for job in list(self._queue):
+                    if job.key == first.key:
+                        self._queue.remove(job)
+                        batch.append(job)
+                        if len(batch) == self.max_batch_size:
+                            break
+                remaining = until - time.monotonic()
+                if len(batch) == self.max_batch_size or remaining <= 0 or self._stopping:
+                    break
+                self._cond.wait(timeout=remaining)
+            return batch
+
+    def _drop_dead_locked(self) -> None:
+        """Drop queued jobs that were cancelled or whose deadline passed (work not started)."""
+        now = time.monotonic()
+        for job in list(self._queue):
+            if job.future.cancelled():
+                self._queue.remove(job)
+            elif job.deadline <= now:
+                self._queue.remove(job)
+                job.future.set_exception(DeadlineExceeded("timed out waiting in the queue"))
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            self.busy = True
+            try:
+                self._execute(live)
+            finally:
+                self.busy = False
+
+    def _execute(self, jobs: list[_Job[Item, Result]]) -> None:
+        """Run a batch; on failure isolate the bad item by retrying singly; halve on CUDA OOM."""
+        try:
+            results = self._run_batch([job.item for job in jobs], jobs[0].options)
+        except Exception as exc:  # a bad image or an OOM must not fail its neighbours
+            if len(jobs) == 1:
+                log.warning("inference failed: %s: %s", type(exc).__name__, exc)
+                jobs[0].future.set_exception(exc)
+                return
+            if _is_oom(exc):
+                _empty_cuda_cache()
+                half = len(jobs) // 2
+                log.warning("out of memory with batch %d; retrying as %d + %d", len(jobs), half,
+                            len(jobs) - half)
+                self._execute(jobs[:half])
+                self._execute(jobs[half:])
+                return
+            log.warning("batch of %d failed (%s); retrying one by one", len(jobs), exc)
+            for job in jobs:
+                self._execute([job])
+            return
+        self.batches_run += 1
+        self.items_run += len(jobs)
+        for job, result in zip(jobs, results, strict=True):
+            job.future.set_result(result)
+
+
+def _empty_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # best effort only
+        pass

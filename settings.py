@@ -1,0 +1,201 @@
+"""One typed settings object, read once from the environment and `.env`.
+
+No other module reads ``os.environ``: ``REST.py`` builds a :class:`Settings` at start-up and
+passes it (or the parts each piece needs) down. Every variable is documented in `.env.example`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+DEFAULT_CONFIG_BASE = (
+    "https://raw.githubusercontent.com/ice9innovations/animal-farm/refs/heads/main/config/"
+)
+# Where `python blip2_model.py download` fetches the real model files from.
+DEFAULT_CHECKPOINT_URL = (
+    "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/"
+    "model_large_caption.pth"
+)
+DEFAULT_TOKENIZER_URL = "https://huggingface.co/bert-base-uncased/resolve/main/"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
+class SettingsError(ValueError):
+    """A configuration value is malformed; the message names the variable."""
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+def _parse_int(name: str, raw: str, low: int | None = None, high: int | None = None) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise SettingsError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _parse_float(name: str, raw: str, low: float = 0.0) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if value < low or value != value:  # NaN check
+        raise SettingsError(f"{name} must be >= {low}, got {raw!r}")
+    return value
+
+
+def _parse_paths(raw: str) -> tuple[Path, ...]:
+    """A list of directories separated by ``os.pathsep`` or commas."""
+    parts = [p.strip() for chunk in raw.split(",") for p in chunk.split(os.pathsep)]
+    return tuple(Path(p).expanduser().resolve() for p in parts if p)
+
+
+def _optional_path(raw: str) -> Path | None:
+    raw = raw.strip()
+    return Path(raw).expanduser() if raw else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the service, with the reference's defaults."""
+
+    # HTTP server
+    host: str = "0.0.0.0"
+    port: int = 7777
+    private: bool = False
+    threads: int = 8
+    log_level: str = "INFO"
+    cors_origins: str = "*"
+    # Input limits
+    max_file_size: int = 32 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    allow_private_urls: bool = True
+    file_roots: tuple[Path, ...] | None = None
+    # Model
+    model_name: str = "blip_caption"
+    model_type: str = "large_coco"
+    model_dir: Path = PROJECT_ROOT / "models"
+    model_config: Path | None = None
+    device: str | None = None
+    precision: str = "fp32"
+    torch_threads: int | None = None
+    checkpoint_url: str = DEFAULT_CHECKPOINT_URL
+    tokenizer_url: str = DEFAULT_TOKENIZER_URL
+    model_download: bool = True
+    # Inference worker
+    max_batch_size: int = 8
+    batch_wait_ms: int = 10
+    max_queue: int = 64
+    request_timeout: float = 60.0
+    # Result cache
+    cache_size: int = 1024
+    cache_ttl: float = 3600.0
+    redis_url: str | None = None
+    # Emoji config
+    auto_update: bool = True
+    timeout: float = 10.0
+    emoji_mappings_url: str = DEFAULT_CONFIG_BASE + "emoji_mappings.json"
+    mwe_url: str = DEFAULT_CONFIG_BASE + "mwe.txt"
+    emoji_cache_dir: Path = PROJECT_ROOT / ".cache" / "emoji"
+    emoji_refresh_seconds: float = 0.0
+
+    @property
+    def bind_host(self) -> str:
+        """`PRIVATE=true` keeps the service on loopback, like the reference."""
+        return "127.0.0.1" if self.private else self.host
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """A copy with some fields replaced (command-line flags, tests)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise SettingsError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        dotenv_path: str | os.PathLike[str] | None = ".env",
+    ) -> Settings:
+        """Read settings; real environment variables win over `.env` entries."""
+        values: dict[str, str] = {}
+        if dotenv_path is not None and Path(dotenv_path).is_file():
+            values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+        values.update(os.environ if environ is None else environ)
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, env: Mapping[str, str]) -> Settings:
+        """Parse a mapping of variable names to strings; unset names keep defaults."""
+        kw: dict[str, Any] = {}
+
+        def get(name: str) -> str | None:
+            raw = env.get(name)
+            return raw if raw is not None and raw.strip() != "" else None
+
+        def put(name: str, key: str, parse: Any) -> None:
+            raw = get(name)
+            if raw is not None:
+                kw[key] = parse(name, raw)
+
+        put("HOST", "host", lambda n, r: r.strip())
+        put("PORT", "port", lambda n, r: _parse_int(n, r, 0, 65535))
+        put("PRIVATE", "private", _parse_bool)
+        put("THREADS", "threads", lambda n, r: _parse_int(n, r, 1, 256))
+        put("LOG_LEVEL", "log_level", lambda n, r: r.strip().upper())
+        put("CORS_ORIGINS", "cors_origins", lambda n, r: r.strip())
+        put("MAX_FILE_SIZE", "max_file_size", lambda n, r: _parse_int(n, r, 1))
+        put("MAX_IMAGE_PIXELS", "max_image_pixels", lambda n, r: _parse_int(n, r, 1))
+        put("ALLOW_PRIVATE_URLS", "allow_private_urls", _parse_bool)
+        put("FILE_ROOTS", "file_roots", lambda n, r: _parse_paths(r) or None)
+        put("MODEL_NAME", "model_name", lambda n, r: r.strip())
+        put("MODEL_TYPE", "model_type", lambda n, r: r.strip())
+        put("MODEL_DIR", "model_dir", lambda n, r: Path(r.strip()).expanduser())
+        put("MODEL_CONFIG", "model_config", lambda n, r: _optional_path(r))
+        put("DEVICE", "device", lambda n, r: r.strip().lower())
+        put("PRECISION", "precision", _parse_precision)
+        put("TORCH_THREADS", "torch_threads", lambda n, r: _parse_int(n, r, 1, 1024))
+        put("CHECKPOINT_URL", "checkpoint_url", lambda n, r: r.strip())
+        put("TOKENIZER_URL", "tokenizer_url", lambda n, r: r.strip())
+        put("MODEL_DOWNLOAD", "model_download", _parse_bool)
+        put("MAX_BATCH_SIZE", "max_batch_size", lambda n, r: _parse_int(n, r, 1, 256))
+        put("BATCH_WAIT_MS", "batch_wait_ms", lambda n, r: _parse_int(n, r, 0, 10_000))
+        put("MAX_QUEUE", "max_queue", lambda n, r: _parse_int(n, r, 1, 100_000))
+        put("REQUEST_TIMEOUT", "request_timeout", lambda n, r: _parse_float(n, r, 0.001))
+        put("CACHE_SIZE", "cache_size", lambda n, r: _parse_int(n, r, 0, 10_000_000))
+        put("CACHE_TTL", "cache_ttl", lambda n, r: _parse_float(n, r, 0.0))
+        put("REDIS_URL", "redis_url", lambda n, r: r.strip())
+        put("AUTO_UPDATE", "auto_update", _parse_bool)
+        put("TIMEOUT", "timeout", lambda n, r: _parse_float(n, r, 0.001))
+        put("EMOJI_MAPPINGS_URL", "emoji_mappings_url", lambda n, r: r.strip())
+        put("MWE_URL", "mwe_url", lambda n, r: r.strip())
+        put("EMOJI_CACHE_DIR", "emoji_cache_dir", lambda n, r: Path(r.strip()).expanduser())
+        put("EMOJI_REFRESH_SECONDS", "emoji_refresh_seconds", lambda n, r: _parse_float(n, r))
+        return cls(**kw)
+
+
+def _parse_precision(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in PRECISIONS:
+        raise SettingsError(f"{name} must be one of {', '.join(PRECISIONS)}, got {raw!r}")
+    return value

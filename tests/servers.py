@@ -1,0 +1,33 @@
+"""Run the real Flask app under a real waitress server on 127.0.0.1 for tests."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from flask import Flask
+from waitress import create_server
+
+
+class RunningServer:
+    """waitress serving `app` on an ephemeral loopback port, in a background thread."""
+
+    def __init__(self, app: Flask, threads: int = 8, **kw: Any) -> None:
+        self.app = app
+        self.server = create_server(app, host="127.0.0.1", port=0, threads=threads, **kw)
+        self.port = self.server.effective_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._run, name="waitress-test", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except (OSError, ValueError):  # the map is torn down under it during close()
+            pass
+
+    def close(self) -> None:
+        self.server.task_dispatcher.shutdown(timeout=5)
+        for channel in list(self.server._map.values()):
+            channel.close()
+        self._thread.join(timeout=5)
