@@ -220,8 +220,11 @@ def analyze() -> Response:
         message = "Model is loading" if exc.status != "error" else "Model failed to load"
         raise ApiError(503, message, state=exc.status, Retry_After=str(RETRY_AFTER_S)) from None
     except QueueFull:
-        raise ApiError(503, "Server busy: too many requests queued, retry shortly",
-                       Retry_After=str(RETRY_AFTER_S)) from None
+        raise ApiError(
+            503,
+            "Server busy: too many requests queued, retry shortly",
+            Retry_After=str(RETRY_AFTER_S),
+        ) from None
     except DeadlineExceeded:
         raise ApiError(
             503, f"Request timed out after {settings.request_timeout:g} s waiting for the model"
@@ -311,8 +314,10 @@ def create_app(
     app.config["BLIP2_SETTINGS"] = settings
     app.json.sort_keys = True  # type: ignore[attr-defined]
     app.json.ensure_ascii = True  # type: ignore[attr-defined]
-    cache = cache if cache is not None else make_cache(
-        settings.redis_url, settings.cache_size, settings.cache_ttl
+    cache = (
+        cache
+        if cache is not None
+        else make_cache(settings.redis_url, settings.cache_size, settings.cache_ttl)
     )
     if emoji_store is None:
         emoji_store = EmojiConfigStore(settings)

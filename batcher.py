@@ -11,6 +11,7 @@ apart from the model in the same way).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -126,7 +127,7 @@ class Batcher(Generic[Item, Result]):
     # -- worker side -----------------------------------------------------------------------
 
     def _take_batch(self) -> list[_Job[Item, Result]] | None:
-        """Block for the first job, then gather same-key jobs until the batch or the wait is full."""
+        """Block for the first job, then gather same-key jobs until the batch or wait is full."""
         with self._cond:
             while not self._stopping:
                 self._drop_dead_locked()
@@ -188,8 +189,12 @@ class Batcher(Generic[Item, Result]):
             if _is_oom(exc):
                 _empty_cuda_cache()
                 half = len(jobs) // 2
-                log.warning("out of memory with batch %d; retrying as %d + %d", len(jobs), half,
-                            len(jobs) - half)
+                log.warning(
+                    "out of memory with batch %d; retrying as %d + %d",
+                    len(jobs),
+                    half,
+                    len(jobs) - half,
+                )
                 self._execute(jobs[:half])
                 self._execute(jobs[half:])
                 return
@@ -204,9 +209,11 @@ class Batcher(Generic[Item, Result]):
 
 
 def _empty_cuda_cache() -> None:
+    """Free cached CUDA blocks before retrying smaller; torch is only used if already loaded."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
     try:
-        import torch
-
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     except Exception:  # best effort only

@@ -166,20 +166,31 @@ class ModelSpec:
         return [p for p in wanted if not p.is_file()]
 
 
+def _lavis_config_path(model_name: str, model_type: str) -> Path:
+    """LAVIS's own YAML for a zoo model, found without importing LAVIS (which takes ~15 s)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("lavis")
+    if found is None or not found.submodule_search_locations:
+        raise ModelError("salesforce-lavis is not installed")
+    configs = Path(next(iter(found.submodule_search_locations))) / "configs" / "models"
+    return configs / f"{model_name}_{model_type}.yaml"
+
+
 def lavis_spec(model_name: str, model_type: str, model_dir: Path) -> ModelSpec:
     """The spec of a LAVIS zoo model (`blip_caption`/`large_coco`) with files in `model_dir`."""
-    from lavis.models.blip_models.blip_caption import BlipCaption
-    from omegaconf import OmegaConf
+    import yaml
 
     if model_name != "blip_caption":
         raise ModelError(f"MODEL_NAME={model_name!r} is not supported; use blip_caption")
-    try:
-        cfg_path = BlipCaption.default_config_path(model_type)
-    except (AssertionError, KeyError):
-        known = ", ".join(sorted(BlipCaption.PRETRAINED_MODEL_CONFIG_DICT))
-        raise ModelError(f"MODEL_TYPE={model_type!r} is unknown; choose one of {known}") from None
-    cfg = OmegaConf.load(cfg_path).model
-    checkpoint_name = Path(str(cfg.finetuned)).name
+    path = _lavis_config_path(model_name, model_type)
+    if not path.is_file():
+        known = sorted(
+            p.stem.removeprefix("blip_caption_") for p in path.parent.glob("blip_caption_*")
+        )
+        raise ModelError(f"MODEL_TYPE={model_type!r} is unknown; choose one of {', '.join(known)}")
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))["model"]
+    checkpoint_name = Path(str(cfg["finetuned"])).name
     return ModelSpec(
         name=f"{model_name}/{model_type}",
         image_size=int(cfg.get("image_size", 384)),
@@ -590,7 +601,6 @@ class Captioner:
         return [texts[i * n : (i + 1) * n] for i in range(len(images))]
 
     def _decode(self, embeds: torch.Tensor, opts: GenerationOptions) -> list[str]:
-        model = self.model
         prompt_text = self.spec.prompt + opts.prompt.strip() + (" " if opts.prompt.strip() else "")
         if opts.use_nucleus_sampling:
             # Independent samples: one row per caption (LAVIS repeats the image the same way).

@@ -101,7 +101,9 @@ class CaptionService:
             raise NotReady(self.status, self.reason)
         return self.captioner, self.batcher
 
-    def lookup(self, image_bytes: bytes, options: GenerationOptions) -> tuple[str | None, list[str] | None]:
+    def lookup(
+        self, image_bytes: bytes, options: GenerationOptions
+    ) -> tuple[str | None, list[str] | None]:
         """The cache key (None when uncacheable) and a cached result, if any."""
         captioner, _ = self.ready()
         if not cacheable(options):

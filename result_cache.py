@@ -8,6 +8,7 @@ caller asked for randomness).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -193,10 +194,8 @@ class RedisCache:
         return []
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self._client.close()
-        except Exception:
-            pass
 
 
 def make_cache(redis_url: str | None, cache_size: int, cache_ttl: float) -> ResultCache:

@@ -46,7 +46,9 @@ def evaluate(model_yaml: Path, folder: Path, batch_size: int = 32) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "tiny-shapes" / "model.yaml")
+    parser.add_argument(
+        "--model", type=Path, default=ROOT / "models" / "tiny-shapes" / "model.yaml"
+    )
     parser.add_argument("folder", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

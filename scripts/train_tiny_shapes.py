@@ -143,7 +143,12 @@ def train(out: Path, seed: int, steps: int, batch_size: int, train_size: int) ->
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save({"model": state}, out / "checkpoint.pth")
     size = (out / "checkpoint.pth").stat().st_size
-    log.info("wrote %s (%.1f MB) in %.0fs", out / "checkpoint.pth", size / 1e6, time.monotonic() - started)
+    log.info(
+        "wrote %s (%.1f MB) in %.0fs",
+        out / "checkpoint.pth",
+        size / 1e6,
+        time.monotonic() - started,
+    )
 
 
 def write_samples(out: Path, n: int, seed: int) -> None:

@@ -5,6 +5,7 @@ It stands in for GitHub (emoji config), image hosts (``url=``) and model downloa
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -44,10 +45,8 @@ class LocalHTTPServer:
                     self.end_headers()
                     self.wfile.write(b"not found")
                     return
-                try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     handler(self)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
 
             do_GET = _dispatch  # noqa: N815
             do_HEAD = _dispatch  # noqa: N815

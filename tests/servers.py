@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -21,10 +22,9 @@ class RunningServer:
         self._thread.start()
 
     def _run(self) -> None:
-        try:
+        # close() tears the socket map down under the loop; that is how it ends.
+        with contextlib.suppress(OSError, ValueError):
             self.server.run()
-        except (OSError, ValueError):  # the map is torn down under it during close()
-            pass
 
     def close(self) -> None:
         self.server.task_dispatcher.shutdown(timeout=5)

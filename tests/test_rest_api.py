@@ -22,8 +22,13 @@ from tiny_shapes import Scene, draw  # noqa: E402
 ORCHESTRATOR_TIMEOUT = 30
 
 
-def shapes_image(count: int = 2, colour: str = "red", shape: str = "circle",
-                 background: str = "gray", seed: int = 7) -> Image.Image:
+def shapes_image(
+    count: int = 2,
+    colour: str = "red",
+    shape: str = "circle",
+    background: str = "gray",
+    seed: int = 7,
+) -> Image.Image:
     return draw(Scene(count, colour, shape, background), random.Random(seed), size=128)
 
 
@@ -43,8 +48,9 @@ def post_like_orchestrator(base: str, data: bytes, path: str = "/analyze") -> re
     return requests.post(base + path, files=files, timeout=ORCHESTRATOR_TIMEOUT)
 
 
-def assert_error(resp: requests.Response, status: int, message: str | None = None,
-                 startswith: str | None = None) -> dict[str, Any]:
+def assert_error(
+    resp: requests.Response, status: int, message: str | None = None, startswith: str | None = None
+) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     assert resp.headers["Content-Type"].startswith("application/json")
     body = resp.json()
@@ -77,7 +83,7 @@ def assert_success(resp: requests.Response) -> dict[str, Any]:
 
 
 @pytest.fixture
-def server(serve_app, base_settings):  # type: ignore[no-untyped-def]
+def server(serve_app, base_settings):
     return serve_app(base_settings)
 
 
@@ -85,7 +91,7 @@ def server(serve_app, base_settings):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP", "JPEG"])
-def test_orchestrator_multipart_any_real_format(server, fmt: str) -> None:  # type: ignore[no-untyped-def]
+def test_orchestrator_multipart_any_real_format(server, fmt: str) -> None:
     kw = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
     resp = post_like_orchestrator(server.url, encode(shapes_image(), fmt, **kw))
     body = assert_success(resp)
@@ -102,7 +108,7 @@ def test_orchestrator_multipart_any_real_format(server, fmt: str) -> None:  # ty
         ("Image/PNG; charset=binary", "PNG"),
     ],
 )
-def test_raw_body_of_each_type(server, content_type: str, fmt: str) -> None:  # type: ignore[no-untyped-def]
+def test_raw_body_of_each_type(server, content_type: str, fmt: str) -> None:
     img = shapes_image(3, "blue", "square", "white")
     resp = requests.post(
         server.url + "/analyze",
@@ -114,16 +120,19 @@ def test_raw_body_of_each_type(server, content_type: str, fmt: str) -> None:  # 
     assert body["predictions"][0]["text"] == "Three blue squares on a white background"
 
 
-def test_raw_body_empty(server) -> None:  # type: ignore[no-untyped-def]
-    resp = requests.post(server.url + "/analyze", data=b"",
-                         headers={"Content-Type": "image/png"}, timeout=10)
+def test_raw_body_empty(server) -> None:
+    resp = requests.post(
+        server.url + "/analyze", data=b"", headers={"Content-Type": "image/png"}, timeout=10
+    )
     assert_error(resp, 400, "No image body provided")
 
 
-def test_file_param_and_v3_alias_are_identical(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_file_param_and_v3_alias_are_identical(server, tmp_path: Path) -> None:
     path = tmp_path / "shapes.png"
     path.write_bytes(two_red_circles())
-    a = assert_success(requests.get(server.url + "/analyze", params={"file": str(path)}, timeout=30))
+    a = assert_success(
+        requests.get(server.url + "/analyze", params={"file": str(path)}, timeout=30)
+    )
     b = assert_success(
         requests.get(server.url + "/v3/analyze", params={"file": str(path)}, timeout=30)
     )
@@ -134,18 +143,19 @@ def test_file_param_and_v3_alias_are_identical(server, tmp_path: Path) -> None: 
     assert_success(requests.get(server.url + "/analyze", params={"file": str(odd)}, timeout=30))
 
 
-def test_url_param_success_and_post_falls_back_to_query(server, http_server) -> None:  # type: ignore[no-untyped-def]
+def test_url_param_success_and_post_falls_back_to_query(server, http_server) -> None:
     http_server.set("/img.png", two_red_circles(), headers={"Content-Type": "image/png"})
     url = http_server.url("/img.png")
     body = assert_success(requests.get(server.url + "/analyze", params={"url": url}, timeout=30))
     assert body["predictions"][0]["text"].startswith("Two red circles")
     # A POST with neither a raw image type nor a `file` part reads the query string.
-    resp = requests.post(server.url + "/v3/analyze", params={"url": url},
-                         data={"other": "x"}, timeout=30)
+    resp = requests.post(
+        server.url + "/v3/analyze", params={"url": url}, data={"other": "x"}, timeout=30
+    )
     assert_success(resp)
 
 
-def test_empty_param_counts_as_absent(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_empty_param_counts_as_absent(server, tmp_path: Path) -> None:
     path = tmp_path / "a.png"
     path.write_bytes(two_red_circles())
     assert_success(
@@ -156,27 +166,31 @@ def test_empty_param_counts_as_absent(server, tmp_path: Path) -> None:  # type: 
 # ----------------------------------------------------------------------------- input errors
 
 
-def test_no_input(server) -> None:  # type: ignore[no-untyped-def]
+def test_no_input(server) -> None:
     message = "Must provide either url or file parameter, or POST a file"
     assert_error(requests.get(server.url + "/analyze", timeout=10), 400, message)
-    assert_error(requests.post(server.url + "/analyze", data={"url": "http://x"}, timeout=10),
-                 400, message)  # form fields are not read
+    assert_error(
+        requests.post(server.url + "/analyze", data={"url": "http://x"}, timeout=10), 400, message
+    )  # form fields are not read
 
 
-def test_both_url_and_file(server) -> None:  # type: ignore[no-untyped-def]
-    resp = requests.get(server.url + "/analyze", params={"url": "http://a/b.png", "file": "/x"},
-                        timeout=10)
+def test_both_url_and_file(server) -> None:
+    resp = requests.get(
+        server.url + "/analyze", params={"url": "http://a/b.png", "file": "/x"}, timeout=10
+    )
     assert_error(resp, 400, "Cannot provide both url and file parameters")
 
 
-def test_multipart_filename_rules(server) -> None:  # type: ignore[no-untyped-def]
+def test_multipart_filename_rules(server) -> None:
     data = two_red_circles()
-    resp = requests.post(server.url + "/analyze", files={"file": ("", data, "image/png")},
-                         timeout=10)
+    resp = requests.post(
+        server.url + "/analyze", files={"file": ("", data, "image/png")}, timeout=10
+    )
     assert_error(resp, 400, "No file selected")
     for name in ("notes.txt", "image", "image.png.exe"):
-        resp = requests.post(server.url + "/analyze", files={"file": (name, data, "image/png")},
-                             timeout=10)
+        resp = requests.post(
+            server.url + "/analyze", files={"file": (name, data, "image/png")}, timeout=10
+        )
         assert_error(resp, 400, "File type not allowed")
     resp = requests.post(server.url + "/analyze", files={"file": ("PHOTO.PNG", data)}, timeout=30)
     assert_success(resp)
@@ -187,15 +201,18 @@ def test_multipart_filename_rules(server) -> None:  # type: ignore[no-untyped-de
     [b"", b"hello, I am text pretending to be a JPEG", two_red_circles("JPEG")[:600]],
     ids=["zero-bytes", "text-named-jpg", "truncated-jpeg"],
 )
-def test_undecodable_upload_is_400(server, payload: bytes) -> None:  # type: ignore[no-untyped-def]
+def test_undecodable_upload_is_400(server, payload: bytes) -> None:
     resp = post_like_orchestrator(server.url, payload)
     assert_error(resp, 400, startswith="Invalid image")
 
 
-def test_file_errors(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_file_errors(server, tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.png")
-    assert_error(requests.get(server.url + "/analyze", params={"file": missing}, timeout=10),
-                 400, f"File not found: {missing}")
+    assert_error(
+        requests.get(server.url + "/analyze", params={"file": missing}, timeout=10),
+        400,
+        f"File not found: {missing}",
+    )
     text = tmp_path / "text.jpg"
     text.write_text("not an image")
     resp = requests.get(server.url + "/analyze", params={"file": str(text)}, timeout=10)
@@ -203,16 +220,20 @@ def test_file_errors(server, tmp_path: Path) -> None:  # type: ignore[no-untyped
     assert str(tmp_path) not in body["error"]["message"].replace(str(text), "")
 
 
-def test_url_errors(serve_app, base_settings, http_server) -> None:  # type: ignore[no-untyped-def]
+def test_url_errors(serve_app, base_settings, http_server) -> None:
     server = serve_app(base_settings.with_overrides(timeout=1.0, max_file_size=200_000))
     http_server.set("/missing", b"nope", status=404)
     http_server.set("/text", b"just text", headers={"Content-Type": "text/plain"})
     http_server.set("/slow", two_red_circles(), delay=3.0)
     http_server.set("/loop", b"", status=302, headers={"Location": "/loop"})
-    http_server.set("/metadata", b"", status=302,
-                    headers={"Location": "http://169.254.169.254/latest/meta-data/"})
+    http_server.set(
+        "/metadata",
+        b"",
+        status=302,
+        headers={"Location": "http://169.254.169.254/latest/meta-data/"},
+    )
 
-    def endless(req) -> None:  # type: ignore[no-untyped-def]
+    def endless(req) -> None:
         req.send_response(200)
         req.send_header("Content-Type", "image/png")
         req.end_headers()
@@ -223,8 +244,9 @@ def test_url_errors(serve_app, base_settings, http_server) -> None:  # type: ign
     http_server.handle("/endless", endless)
 
     def get(path: str) -> requests.Response:
-        return requests.get(server.url + "/analyze", params={"url": http_server.url(path)},
-                            timeout=20)
+        return requests.get(
+            server.url + "/analyze", params={"url": http_server.url(path)}, timeout=20
+        )
 
     assert_error(get("/missing"), 400, startswith="Failed to download image: ")
     assert_error(get("/text"), 400, startswith="Failed to download image: ")
@@ -238,7 +260,7 @@ def test_url_errors(serve_app, base_settings, http_server) -> None:  # type: ign
     assert_error(resp, 400, startswith="Failed to download image: ")
 
 
-def test_file_roots(serve_app, base_settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_file_roots(serve_app, base_settings, tmp_path: Path) -> None:
     root = tmp_path / "images"
     outside = tmp_path / "private"
     root.mkdir()
@@ -257,7 +279,7 @@ def test_file_roots(serve_app, base_settings, tmp_path: Path) -> None:  # type: 
     assert_error(get(str(root / "link.png")), 403, f"Access denied: {root / 'link.png'}")
 
 
-def test_image_formats_end_to_end(server) -> None:  # type: ignore[no-untyped-def]
+def test_image_formats_end_to_end(server) -> None:
     base = shapes_image(1, "green", "triangle", "black")
     rotated = base.rotate(90, expand=True)
     exif = Image.Exif()
@@ -266,23 +288,32 @@ def test_image_formats_end_to_end(server) -> None:  # type: ignore[no-untyped-de
         "exif-rotated": encode(rotated, "JPEG", quality=95, exif=exif),
         "cmyk": encode(base.convert("CMYK"), "JPEG", quality=95),
         "16-bit": encode(base.convert("I;16"), "PNG"),
-        "gif-animated": encode(base, "GIF", save_all=True,
-                               append_images=[Image.new("RGB", base.size, "white")]),
+        "gif-animated": encode(
+            base, "GIF", save_all=True, append_images=[Image.new("RGB", base.size, "white")]
+        ),
         "bmp": encode(base, "BMP"),
         "tiff": encode(base, "TIFF"),
     }
     for name, data in samples.items():
-        resp = requests.post(server.url + "/analyze", data=data,
-                             headers={"Content-Type": "application/octet-stream"}, timeout=30)
+        resp = requests.post(
+            server.url + "/analyze",
+            data=data,
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=30,
+        )
         assert resp.status_code == 200, (name, resp.text)
     text = assert_success(
-        requests.post(server.url + "/analyze", data=samples["exif-rotated"],
-                      headers={"Content-Type": "image/jpeg"}, timeout=30)
+        requests.post(
+            server.url + "/analyze",
+            data=samples["exif-rotated"],
+            headers={"Content-Type": "image/jpeg"},
+            timeout=30,
+        )
     )["predictions"][0]["text"]
     assert text == "One green triangle on a black background"
 
 
-def test_decompression_bomb_is_400(serve_app, base_settings) -> None:  # type: ignore[no-untyped-def]
+def test_decompression_bomb_is_400(serve_app, base_settings) -> None:
     server = serve_app(base_settings.with_overrides(max_image_pixels=1_000_000))
     bomb = encode(Image.new("L", (4000, 4000)), "PNG")  # 16 MP of zeros: a few KB
     assert len(bomb) < 100_000
@@ -293,7 +324,7 @@ def test_decompression_bomb_is_400(serve_app, base_settings) -> None:  # type: i
 # ----------------------------------------------------------------------------- HTTP surface
 
 
-def test_unknown_route_and_wrong_method_are_json(server) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_route_and_wrong_method_are_json(server) -> None:
     assert_error(requests.get(server.url + "/nope", timeout=10), 404)
     resp = requests.delete(server.url + "/analyze", timeout=10)
     assert_error(resp, 405)
@@ -301,18 +332,20 @@ def test_unknown_route_and_wrong_method_are_json(server) -> None:  # type: ignor
     assert_error(requests.post(server.url + "/health", timeout=10), 405)
 
 
-def test_body_over_max_file_size_is_413(serve_app, base_settings) -> None:  # type: ignore[no-untyped-def]
+def test_body_over_max_file_size_is_413(serve_app, base_settings) -> None:
     server = serve_app(base_settings.with_overrides(max_file_size=10_000))
     big = os.urandom(20_000)
     assert_error(post_like_orchestrator(server.url, big), 413, startswith="Image too large")
-    resp = requests.post(server.url + "/analyze", data=big,
-                         headers={"Content-Type": "image/png"}, timeout=10)
+    resp = requests.post(
+        server.url + "/analyze", data=big, headers={"Content-Type": "image/png"}, timeout=10
+    )
     assert_error(resp, 413, startswith="Image too large")
 
 
-def test_cors(server) -> None:  # type: ignore[no-untyped-def]
-    resp = requests.get(server.url + "/health", headers={"Origin": "https://ui.example"},
-                        timeout=10)
+def test_cors(server) -> None:
+    resp = requests.get(
+        server.url + "/health", headers={"Origin": "https://ui.example"}, timeout=10
+    )
     assert resp.headers["Access-Control-Allow-Origin"] == "https://ui.example"
     assert "Origin" in resp.headers["Vary"]
     resp = requests.get(server.url + "/health", timeout=10)
@@ -338,7 +371,7 @@ def _sorted_everywhere(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def test_json_keys_sorted_and_non_ascii_escaped(serve_app, base_settings, http_server) -> None:  # type: ignore[no-untyped-def]
+def test_json_keys_sorted_and_non_ascii_escaped(serve_app, base_settings, http_server) -> None:
     from emoji_config import EmojiConfigStore
 
     http_server.set("/emoji.json", json.dumps({"circles": "⭕", "red": "", "gray": "🩶"}))
@@ -361,7 +394,9 @@ def test_json_keys_sorted_and_non_ascii_escaped(serve_app, base_settings, http_s
     json.loads(health.text, object_pairs_hook=_sorted_everywhere)
 
 
-def test_emoji_mappings_key_omitted_when_nothing_maps(serve_app, base_settings, http_server) -> None:  # type: ignore[no-untyped-def]
+def test_emoji_mappings_key_omitted_when_nothing_maps(
+    serve_app, base_settings, http_server
+) -> None:
     from emoji_config import EmojiConfigStore
 
     http_server.set("/emoji.json", json.dumps({"dog": "🐶"}))
@@ -376,7 +411,7 @@ def test_emoji_mappings_key_omitted_when_nothing_maps(serve_app, base_settings, 
     assert "emoji_mappings" not in body["predictions"][0]
 
 
-def test_health_contract(server) -> None:  # type: ignore[no-untyped-def]
+def test_health_contract(server) -> None:
     resp = requests.get(server.url + "/health", timeout=2)
     assert resp.status_code == 200
     body = resp.json()
@@ -395,7 +430,7 @@ def test_health_contract(server) -> None:  # type: ignore[no-untyped-def]
     assert body["dependencies"]["emoji_config"]["source"] in {"remote", "cache", "bundled"}
 
 
-def test_loading_and_failed_model_answer_503(base_settings) -> None:  # type: ignore[no-untyped-def]
+def test_loading_and_failed_model_answer_503(base_settings) -> None:
     from REST import close_app, create_app
     from servers import RunningServer
 
@@ -424,7 +459,7 @@ def test_loading_and_failed_model_answer_503(base_settings) -> None:  # type: ig
 # ----------------------------------------------------------------------------- generation options
 
 
-def test_generation_options_validation(server) -> None:  # type: ignore[no-untyped-def]
+def test_generation_options_validation(server) -> None:
     cases = {
         "num_beams=0": "num_beams",
         "num_beams=11": "num_beams",
@@ -445,12 +480,17 @@ def test_generation_options_validation(server) -> None:  # type: ignore[no-untyp
         assert param in body["error"]["message"], (query, body)
 
 
-def test_generation_options_take_effect(server) -> None:  # type: ignore[no-untyped-def]
+def test_generation_options_take_effect(server) -> None:
     data = two_red_circles()
 
     def run(**params: Any) -> dict[str, Any]:
-        resp = requests.post(server.url + "/analyze", params=params, data=data,
-                             headers={"Content-Type": "image/png"}, timeout=30)
+        resp = requests.post(
+            server.url + "/analyze",
+            params=params,
+            data=data,
+            headers={"Content-Type": "image/png"},
+            timeout=30,
+        )
         return assert_success(resp)
 
     default = run()["predictions"][0]["text"]
@@ -483,7 +523,10 @@ def test_cli_serves_the_contract(tmp_path: Path) -> None:
     }
     proc = subprocess.Popen(
         [sys.executable, "REST.py", "--port", str(port)],
-        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:

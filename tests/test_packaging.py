@@ -1,0 +1,79 @@
+"""The install story stays consistent: lock ↔ requirements export, Makefile ↔ Dockerfile ↔ CI."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _locked() -> dict[str, str]:
+    lock = tomllib.loads((ROOT / "uv.lock").read_text(encoding="utf-8"))
+    return {
+        p["name"]: p["version"]
+        for p in lock["package"]
+        if p.get("source", {}).get("virtual") is None and "version" in p
+    }
+
+
+def _exported() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in (ROOT / "requirements.installed.txt").read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", line)
+        if match:
+            pins[match.group(1).lower()] = match.group(2)
+    return pins
+
+
+def test_requirements_export_matches_lock() -> None:
+    locked = {k.lower(): v for k, v in _locked().items()}
+    exported = _exported()
+    assert exported, "requirements.installed.txt pins nothing"
+    drift = {
+        name: (locked.get(name), exported.get(name))
+        for name in set(locked) | set(exported)
+        if locked.get(name) != exported.get(name)
+    }
+    assert not drift, (
+        f"requirements.installed.txt drifted from uv.lock (run make requirements): {drift}"
+    )
+
+
+def test_pinned_runtime_stack() -> None:
+    locked = _locked()
+    assert locked["salesforce-lavis"] == "1.0.2"
+    assert locked["torch"] == "2.13.0" and locked["torchvision"] == "0.28.0"
+    assert locked["transformers"].startswith("4.25.") and locked["tokenizers"] == "0.13.3"
+
+
+def test_dockerfile_installs_like_the_makefile() -> None:
+    docker = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    make = (ROOT / "Makefile").read_text(encoding="utf-8")
+    uv_pin = re.search(r"pip install --quiet (uv==[\d.]+)", make)
+    assert uv_pin, "Makefile must pin the uv it installs"
+    assert f"pip install --no-cache-dir {uv_pin.group(1)}" in docker
+    assert "$(UV) sync --frozen" in make and "uv sync --frozen --no-dev" in docker
+    assert docker.splitlines()[0].startswith("#") and "FROM python:3.11-slim" in docker
+    for needle in (
+        'CMD ["python", "REST.py"]',
+        "EXPOSE 7777",
+        "HEALTHCHECK",
+        "MODEL_DIR=/models",
+        'VOLUME ["/models"]',
+    ):
+        assert needle in docker, needle
+    user = re.findall(r"^USER (\S+)", docker, flags=re.M)
+    assert user and user[-1] not in ("root", "0")
+    assert "curl" not in docker.split("HEALTHCHECK", 1)[1].split("\n\n", 1)[0].replace(
+        "No curl", ""
+    )
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "make test" in ci
+    first_block = readme.split("```", 2)[1]
+    assert "make run" in first_block and "make test" in first_block
