@@ -1,0 +1,70 @@
+"""Shared fixtures: real local servers and paths. Heavy ones are session-scoped."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from local_http import LocalHTTPServer  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+REFERENCE_CONFIG = SHARED / "reference-config"
+TINY_YAML = ROOT / "models" / "tiny-shapes" / "model.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner():
+    """The project's tiny-shapes model, loaded once per test session (LAVIS import is slow)."""
+    from blip2_model import Captioner
+    from settings import Settings
+
+    return Captioner.load(Settings().with_overrides(model_config=TINY_YAML, device="cpu"))
+
+
+@pytest.fixture
+def base_settings(tmp_path: Path):
+    """Settings for an app around the tiny model: no network for emoji config, private cache."""
+    from settings import Settings
+
+    return Settings().with_overrides(
+        model_config=TINY_YAML,
+        device="cpu",
+        auto_update=False,
+        emoji_cache_dir=tmp_path / "emoji-cache",
+    )
+
+
+@pytest.fixture
+def serve_app(tiny_captioner):
+    """Factory: a real waitress server around `create_app(settings, captioner)`, closed after."""
+    from REST import close_app, create_app
+    from servers import RunningServer
+
+    running: list[RunningServer] = []
+
+    def start(settings, captioner=tiny_captioner, **kw):
+        app = create_app(settings, captioner, **kw)
+        app.extensions["blip2.emoji"].load()
+        server = RunningServer(app)
+        running.append(server)
+        return server
+
+    yield start
+    for server in running:
+        server.close()
+        close_app(server.app)
+
+
+@pytest.fixture
+def http_server() -> Iterator[LocalHTTPServer]:
+    """A real HTTP server on 127.0.0.1 for one test."""
+    server = LocalHTTPServer()
+    yield server
+    server.close()
