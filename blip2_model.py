@@ -46,6 +46,7 @@ TOKENIZER_DIRNAME = "bert-base-uncased"
 TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "config.json")
 DOWNLOAD_CONNECT_TIMEOUT = 10.0
 DOWNLOAD_READ_TIMEOUT = 60.0
+DECODERS = ("fast", "stock")
 
 
 # --------------------------------------------------------------------------- errors
@@ -495,11 +496,15 @@ class Captioner:
         *,
         device: str = "cpu",
         precision: str = "fp32",
-        decode: str = "stock",
+        decode: str = "fast",
     ) -> None:
         import torch
 
-        self.model = model.to(device).eval()
+        if decode not in DECODERS:
+            raise ModelError(f"DECODE must be one of {', '.join(DECODERS)}, got {decode!r}")
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        # Low precision: convert the weights once (autocast alone would re-cast them per call).
+        self.model = model.to(device=device, dtype=self.dtype).eval()
         self.spec = spec
         self.device = device
         self.precision = precision
@@ -507,6 +512,10 @@ class Captioner:
         self.decode = decode
         self.transform = image_transform(spec)
         self._torch = torch
+        if decode == "fast":
+            import fast_decode
+
+            fast_decode.optimize_model(self.model)  # fused ViT attention; fp32 untouched
 
     # -- identity ----------------------------------------------------------------------------
 
@@ -522,7 +531,9 @@ class Captioner:
         if ckpt is not None and ckpt.is_file():
             st = ckpt.stat()
             stamp = f"{st.st_size}:{int(st.st_mtime)}"
-        return f"{self.spec.name}|{stamp}|{self.precision}"
+        # fp32 captions are identical whichever decoder runs; low precision ones may differ.
+        decoder = "" if self.precision == "fp32" else f"|{self.decode}"
+        return f"{self.spec.name}|{stamp}|{self.precision}{decoder}"
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -566,7 +577,7 @@ class Captioner:
             precision,
             time.monotonic() - started,
         )
-        return cls(model, spec, device=device, precision=precision)
+        return cls(model, spec, device=device, precision=precision, decode=settings.decode)
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -593,7 +604,7 @@ class Captioner:
         opts = (options or GenerationOptions()).validate()
         if not images:
             return []
-        pixels = self.preprocess(images).to(self.device)
+        pixels = self.preprocess(images).to(device=self.device, dtype=self.dtype)
         with self._torch.inference_mode(), self._autocast():
             embeds = self.model.forward_encoder({"image": pixels})
             texts = self._decode(embeds, opts)
@@ -602,8 +613,10 @@ class Captioner:
 
     def _decode(self, embeds: torch.Tensor, opts: GenerationOptions) -> list[str]:
         prompt_text = self.spec.prompt + opts.prompt.strip() + (" " if opts.prompt.strip() else "")
-        if opts.use_nucleus_sampling:
-            # Independent samples: one row per caption (LAVIS repeats the image the same way).
+        sampling = opts.use_nucleus_sampling
+        if sampling and self.decode != "fast":
+            # Independent samples: one row per caption (LAVIS repeats the image the same way);
+            # the fast decoder gives the same ids from one row with num_return_sequences.
             embeds = embeds.repeat_interleave(opts.num_captions, 0)
         prompt_ids = self._prompt_ids(prompt_text, embeds.size(0))
         kwargs = {
@@ -613,8 +626,9 @@ class Captioner:
             "pad_token_id": self.tokenizer.pad_token_id,
             "repetition_penalty": opts.repetition_penalty,
         }
-        if opts.use_nucleus_sampling:
-            kwargs.update(do_sample=True, top_p=opts.top_p, num_return_sequences=1)
+        if sampling:
+            per_row = opts.num_captions if self.decode == "fast" else 1
+            kwargs.update(do_sample=True, top_p=opts.top_p, num_return_sequences=per_row)
         else:
             kwargs.update(num_beams=opts.num_beams, num_return_sequences=opts.num_captions)
         out = self._generate(prompt_ids, embeds, **kwargs)

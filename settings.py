@@ -97,6 +97,7 @@ class Settings:
     model_config: Path | None = None
     device: str | None = None
     precision: str = "fp32"
+    decode: str = "fast"
     torch_threads: int | None = None
     checkpoint_url: str = DEFAULT_CHECKPOINT_URL
     tokenizer_url: str = DEFAULT_TOKENIZER_URL
@@ -174,6 +175,7 @@ class Settings:
         put("MODEL_CONFIG", "model_config", lambda n, r: _optional_path(r))
         put("DEVICE", "device", lambda n, r: r.strip().lower())
         put("PRECISION", "precision", _parse_precision)
+        put("DECODE", "decode", _parse_decode)
         put("TORCH_THREADS", "torch_threads", lambda n, r: _parse_int(n, r, 1, 1024))
         put("CHECKPOINT_URL", "checkpoint_url", lambda n, r: r.strip())
         put("TOKENIZER_URL", "tokenizer_url", lambda n, r: r.strip())
@@ -186,12 +188,21 @@ class Settings:
         put("CACHE_TTL", "cache_ttl", lambda n, r: _parse_float(n, r, 0.0))
         put("REDIS_URL", "redis_url", lambda n, r: r.strip())
         put("AUTO_UPDATE", "auto_update", _parse_bool)
+        # The reference service read API_TIMEOUT; TIMEOUT (the contract's name) wins.
+        put("API_TIMEOUT", "timeout", lambda n, r: _parse_float(n, r, 0.001))
         put("TIMEOUT", "timeout", lambda n, r: _parse_float(n, r, 0.001))
         put("EMOJI_MAPPINGS_URL", "emoji_mappings_url", lambda n, r: r.strip())
         put("MWE_URL", "mwe_url", lambda n, r: r.strip())
         put("EMOJI_CACHE_DIR", "emoji_cache_dir", lambda n, r: Path(r.strip()).expanduser())
         put("EMOJI_REFRESH_SECONDS", "emoji_refresh_seconds", lambda n, r: _parse_float(n, r))
         return cls(**kw)
+
+
+def _parse_decode(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("fast", "stock"):
+        raise SettingsError(f"{name} must be fast or stock, got {raw!r}")
+    return value
 
 
 def _parse_precision(name: str, raw: str) -> str:

@@ -6,6 +6,8 @@ It stands in for GitHub (emoji config), image hosts (``url=``) and model downloa
 from __future__ import annotations
 
 import contextlib
+import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +24,16 @@ class Seen:
     method: str
     path: str
     headers: dict[str, str] = field(default_factory=dict)
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """Clients that hang up mid-response (timeouts, size caps) are expected, not errors."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError, ssl.SSLError)):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class LocalHTTPServer:
@@ -55,7 +67,7 @@ class LocalHTTPServer:
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002
                 return
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _RequestHandler)
+        self._server = _QuietServer(("127.0.0.1", 0), _RequestHandler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True

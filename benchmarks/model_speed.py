@@ -1,0 +1,404 @@
+#!/usr/bin/env python3
+"""How fast captioning is: stock LAVIS decoding vs fast_decode (fp32 and bf16), per image.
+
+Builds the full-size blip_caption/large_coco architecture (ViT-L encoder, 12-layer BERT decoder)
+with seeded random weights and a made-up vocabulary of bert-base-uncased's size, so it needs no
+download, and captions the same generated images by each path:
+
+- stock: LAVIS's own `model.generate(samples, num_beams=3, ...)` under torch.no_grad, the
+  reference service's path;
+- fast fp32: encoder + `fast_decode.generate` under inference_mode (after
+  `fast_decode.optimize_model`, which leaves fp32 maths alone);
+- fast bf16: the same under `torch.autocast("cpu", dtype=torch.bfloat16)`;
+- (extra) fast bf16 with the model converted to bf16 weights, run last.
+
+Caption length is fixed (min_length = max_length) so every side does the same work, and fp32
+captions must be string-identical to stock. `--profile` adds a breakdown of where the time goes
+(encoder, image K/V, decoder steps, search loop). Prints a readable report; the last line is
+JSON: {"stock_s", "fast_fp32_s", "fast_bf16_s", "speedup_fp32", "speedup_bf16",
+"identical_fp32", ...} in seconds per image.
+
+Usage: `python benchmarks/model_speed.py [--images N] [--threads N] [--seed N] [--profile]
+[--batch] [--omp-passive]`; on a busy shared CPU prefer `--threads 1` or `--omp-passive`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("model_speed")
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def machine() -> dict[str, Any]:
+    """Enough to compare numbers across machines (and to see a busy one)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "loadavg_1m": round(load[0], 2),
+    }
+
+
+def make_images(n: int, seed: int, size: int = 480) -> list[Any]:
+    """`n` distinct synthetic photos: a colour gradient with a few filled shapes."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    images = []
+    for _ in range(n):
+        top = [rng.randrange(256) for _ in range(3)]
+        bottom = [rng.randrange(256) for _ in range(3)]
+        img = Image.new("RGB", (size, size))
+        draw = ImageDraw.Draw(img)
+        for y in range(size):
+            t = y / (size - 1)
+            draw.line(
+                [(0, y), (size, y)],
+                fill=tuple(int(a + (b - a) * t) for a, b in zip(top, bottom, strict=True)),
+            )
+        for _ in range(rng.randint(1, 4)):
+            x0, y0 = rng.randrange(size - 60), rng.randrange(size - 60)
+            box = [x0, y0, x0 + rng.randint(40, size - x0), y0 + rng.randint(40, size - y0)]
+            colour = tuple(rng.randrange(256) for _ in range(3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+        images.append(img)
+    return images
+
+
+def build(seed: int, model_dir: Path) -> tuple[Any, Any]:
+    """large_coco with seeded random weights and a placeholder 30522-word vocabulary."""
+    import torch
+
+    import blip2_model
+
+    blip2_model.write_placeholder_tokenizer(model_dir / blip2_model.TOKENIZER_DIRNAME)
+    spec = blip2_model.lavis_spec("blip_caption", "large_coco", model_dir)
+    torch.manual_seed(seed)
+    model = blip2_model.build_model(spec).eval()
+    return model, spec
+
+
+# --------------------------------------------------------------------------- the three paths
+
+
+class Runner:
+    """Captions a pixel batch by one path; `length` fixes min_length = max_length."""
+
+    def __init__(self, model: Any, spec: Any, beams: int, length: int) -> None:
+        self.model = model
+        self.spec = spec
+        self.beams = beams
+        self.length = length
+
+    def stock(self, pixels: Any, length: int | None = None) -> list[str]:
+        """LAVIS's own BlipCaption.generate, as the reference service calls it."""
+        import torch
+
+        n = length or self.length
+        with torch.no_grad():
+            return self.model.generate(
+                {"image": pixels}, num_beams=self.beams, max_length=n, min_length=n
+            )
+
+    def fast(self, pixels: Any, length: int | None = None, bf16: bool = False) -> list[str]:
+        """What Captioner(decode="fast") does: encoder, then fast_decode.generate."""
+        import torch
+
+        import fast_decode
+
+        n = length or self.length
+        tok = self.model.tokenizer
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            embeds = self.model.forward_encoder({"image": pixels})
+            ids = tok([self.spec.prompt] * pixels.shape[0], return_tensors="pt").input_ids
+            ids[:, 0] = tok.bos_token_id
+            out = fast_decode.generate(
+                self.model.text_decoder,
+                ids[:, :-1],
+                embeds,
+                max_length=n,
+                min_length=n,
+                eos_token_id=tok.sep_token_id,
+                pad_token_id=tok.pad_token_id,
+                repetition_penalty=1.0,
+                num_beams=self.beams,
+                num_return_sequences=1,
+            )
+        texts = tok.batch_decode(out, skip_special_tokens=True)
+        return [t[len(self.spec.prompt) :] for t in texts]
+
+
+def timed(fn: Callable[[Any], list[str]], batches: list[Any]) -> tuple[float, list[str]]:
+    """Seconds per image over all batches, and the captions in order."""
+    captions: list[str] = []
+    images = 0
+    start = time.perf_counter()
+    for pixels in batches:
+        captions += fn(pixels)
+        images += pixels.shape[0]
+    return (time.perf_counter() - start) / images, captions
+
+
+# --------------------------------------------------------------------------- profile
+
+
+@contextlib.contextmanager
+def profiled() -> Iterator[Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        yield prof
+
+
+def label_totals(prof: Any, *labels: str) -> dict[str, tuple[float, int]]:
+    """(total seconds, calls) of each record_function label in a profile."""
+    found = {label: (0.0, 0) for label in labels}
+    for event in prof.key_averages():
+        if event.key in found:
+            found[event.key] = (event.cpu_time_total / 1e6, event.count)
+    return found
+
+
+def run_profile(runner: Runner, pixels: Any, bf16_ok: bool) -> None:
+    """Where one image's time goes: encoder vs decoder, and inside the decoder."""
+    import torch
+
+    import blip2_model
+    import fast_decode
+
+    model, tok = runner.model, runner.model.tokenizer
+    tokens = runner.length
+    print(f"\nProfile (1 image, {runner.beams} beams, {tokens} tokens incl. prompt)")
+
+    ids = tok([runner.spec.prompt], return_tensors="pt").input_ids
+    ids[:, 0] = tok.bos_token_id
+    ids = ids[:, :-1]
+    steps = tokens - ids.shape[1]
+    kw = {
+        "max_length": tokens,
+        "min_length": tokens,
+        "eos_token_id": tok.sep_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "repetition_penalty": 1.0,
+        "num_beams": runner.beams,
+        "num_return_sequences": 1,
+    }
+    image_tokens = None
+
+    # Stock: encoder, then LAVIS decoding; inside it, the per-step image K/V projections.
+    with torch.no_grad():
+        start = time.perf_counter()
+        embeds = model.forward_encoder({"image": pixels})
+        enc = time.perf_counter() - start
+        image_tokens = embeds.shape[1]
+        with profiled() as prof:
+            start = time.perf_counter()
+            blip2_model.stock_generate(model.text_decoder, ids, embeds, **kw)
+            dec = time.perf_counter() - start
+    kv = sum(
+        e.cpu_time_total / 1e6
+        for e in prof.key_averages(group_by_input_shape=True)
+        if e.key == "aten::linear"
+        and e.input_shapes
+        and len(e.input_shapes[0]) == 3
+        and e.input_shapes[0][1] == image_tokens
+    )
+    print(
+        f"  stock      encoder {enc:6.2f} s | decoder {dec:6.2f} s = {steps + 1} forward passes "
+        f"x {dec / (steps + 1) * 1e3:6.0f} ms; image K/V re-projection {kv:6.2f} s "
+        f"({kv / dec:.0%} of decoder, under the profiler)"
+    )
+
+    # Fast: encoder, image K/V once, decoder steps, and Hugging Face's search loop around them.
+    modes = [("fast fp32", False)] + ([("fast bf16", True)] if bf16_ok else [])
+    for name, bf16 in modes:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            start = time.perf_counter()
+            embeds = model.forward_encoder({"image": pixels})
+            enc = time.perf_counter() - start
+            with profiled() as prof:
+                start = time.perf_counter()
+                fast_decode.generate(model.text_decoder, ids, embeds, **kw)
+                dec = time.perf_counter() - start
+        got = label_totals(prof, fast_decode.PROFILE_CROSS_KV, fast_decode.PROFILE_STEP)
+        kv_s, _ = got[fast_decode.PROFILE_CROSS_KV]
+        step_s, step_n = got[fast_decode.PROFILE_STEP]
+        loop = max(dec - kv_s - step_s, 0.0)
+        print(
+            f"  {name:10} encoder {enc:6.2f} s | decoder {dec:6.2f} s = image K/V {kv_s:5.2f} s"
+            f" + {step_n} steps x {step_s / max(step_n, 1) * 1e3:5.0f} ms"
+            f" + search loop {loop:5.2f} s"
+        )
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=6)
+        print("    top ops in the decoder:")
+        print("\n".join("    " + line for line in table.splitlines()))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=2, help="generated images (default 2)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0, help="weights and images seed")
+    parser.add_argument("--beams", type=int, default=3)
+    parser.add_argument("--length", type=int, default=20, help="min_length = max_length")
+    parser.add_argument("--batch", action="store_true", help="all images in one call per path")
+    parser.add_argument("--profile", action="store_true", help="also show where the time goes")
+    parser.add_argument(
+        "--no-bf16-weights", action="store_true", help="skip the extra bf16-weights run"
+    )
+    parser.add_argument(
+        "--omp-passive",
+        action="store_true",
+        help="OMP_WAIT_POLICY=PASSIVE: on a busy shared CPU, idle OpenMP threads sleep instead "
+        "of spinning, so each small op no longer waits for a descheduled peer",
+    )
+    args = parser.parse_args(argv)
+    if args.omp_passive:
+        if "torch" in sys.modules:
+            raise SystemExit("--omp-passive must be set before torch is imported")
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    import torch
+
+    import blip2_model
+    import fast_decode
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine()
+    print(
+        f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
+        f"{info['threads']} threads (OMP_WAIT_POLICY {info['omp_wait_policy']}), "
+        f"load average {info['loadavg_1m']}"
+    )
+    busy = info["loadavg_1m"] >= max(1.0, 0.5 * (info["cores"] or 1))
+    if busy and info["threads"] > 1 and info["omp_wait_policy"] == "default":
+        print(
+            "warning: the CPU is busy; with several OpenMP threads each small op can stall on a "
+            "descheduled thread, which hits the fast path hardest. Consider --threads 1 or "
+            "--omp-passive."
+        )
+    bf16_ok = blip2_model.cpu_supports_bf16()
+
+    with tempfile.TemporaryDirectory(prefix="model_speed-") as tmp:
+        start = time.perf_counter()
+        model, spec = build(args.seed, Path(tmp))
+        print(
+            f"Model: {spec.name}, random weights (seed {args.seed}), "
+            f"{blip2_model.count_parameters(model) / 1e6:.0f}M parameters, "
+            f"vocab {len(model.tokenizer)}, built in {time.perf_counter() - start:.0f} s"
+        )
+    captioner = blip2_model.Captioner(model, spec)  # its preprocessing, nothing else
+    pixels = captioner.preprocess(make_images(args.images, args.seed))
+    batches = [pixels] if args.batch else [pixels[i : i + 1] for i in range(len(pixels))]
+    runner = Runner(model, spec, args.beams, args.length)
+    print(
+        f"Work: {args.images} images ({spec.image_size}px), {args.beams} beams, "
+        f"{args.length} tokens, {'one batch' if args.batch else 'one image per call'}\n"
+    )
+
+    # Stock first, on the untouched model; a short warm-up run per path.
+    runner.stock(batches[0], length=7)
+    stock_s, stock_caps = timed(runner.stock, batches)
+    fast_decode.optimize_model(model)
+    try:
+        runner.fast(batches[0], length=7)
+        fp32_s, fp32_caps = timed(runner.fast, batches)
+        bf16_s, bf16_caps = None, None
+        if bf16_ok:
+            runner.fast(batches[0], length=7, bf16=True)
+            bf16_s, bf16_caps = timed(lambda px: runner.fast(px, bf16=True), batches)
+        if args.profile:
+            run_profile(runner, batches[0][:1], bf16_ok)
+        bf16w_s = None
+        if bf16_ok and not args.no_bf16_weights:
+            # Last, as it converts the model in place: what a bf16 deployment that loads its
+            # weights in bf16 would see (autocast no longer casts every weight per call).
+            model.to(torch.bfloat16)
+            runner.fast(batches[0], length=7, bf16=True)
+            bf16w_s, _ = timed(lambda px: runner.fast(px, bf16=True), batches)
+    finally:
+        fast_decode.restore_model(model)
+
+    identical = fp32_caps == stock_caps
+    bf16_same = sum(a == b for a, b in zip(bf16_caps or [], stock_caps, strict=False))
+    print(f"\n{'path':12} {'s/image':>9} {'speedup':>8}  captions vs stock")
+    print(f"{'stock':12} {stock_s:9.2f} {1.0:7.1f}x  (reference)")
+    print(
+        f"{'fast fp32':12} {fp32_s:9.2f} {stock_s / fp32_s:7.1f}x  "
+        f"{'identical' if identical else 'DIFFERENT'} ({len(stock_caps)} captions)"
+    )
+    if bf16_s is not None:
+        print(
+            f"{'fast bf16':12} {bf16_s:9.2f} {stock_s / bf16_s:7.1f}x  "
+            f"{bf16_same}/{len(stock_caps)} identical (bf16 need not be)"
+        )
+    else:
+        print(f"{'fast bf16':12} {'n/a':>9}  (CPU has no bf16 support)")
+    if bf16w_s is not None:
+        print(
+            f"{'fast bf16w':12} {bf16w_s:9.2f} {stock_s / bf16w_s:7.1f}x  "
+            "same, with the model's weights stored in bf16 (not the service's setup today)"
+        )
+    if not identical:
+        for a, b in zip(stock_caps, fp32_caps, strict=True):
+            print(f"  stock: {a!r}\n  fast:  {b!r}")
+    for i, caption in enumerate(stock_caps):
+        print(f"image {i} stock caption (random weights): {caption[:70]!r}")
+    info_after = machine()
+    print(f"load average after: {info_after['loadavg_1m']}")
+
+    result = {
+        "stock_s": round(stock_s, 3),
+        "fast_fp32_s": round(fp32_s, 3),
+        "fast_bf16_s": round(bf16_s, 3) if bf16_s is not None else None,
+        "speedup_fp32": round(stock_s / fp32_s, 2),
+        "speedup_bf16": round(stock_s / bf16_s, 2) if bf16_s is not None else None,
+        "identical_fp32": identical,
+        "bf16_identical_captions": f"{bf16_same}/{len(stock_caps)}" if bf16_caps else None,
+        "fast_bf16_weights_s": round(bf16w_s, 3) if bf16w_s is not None else None,
+        "images": args.images,
+        "threads": info["threads"],
+        "cpu": info["cpu"],
+    }
+    print(json.dumps(result))
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
