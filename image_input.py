@@ -321,60 +321,42 @@ def _remaining(deadline: float) -> float:
     return left
 
 
-class _DeadlineSocket(socket.socket):
-    """A socket whose every blocking call ends by `deadline` (monotonic), not per-call only."""
+class _DeadlineMixin:
+    """Every blocking call ends by `deadline` (monotonic), not merely per call."""
 
     deadline: float = math.inf
 
     def _arm(self) -> None:
         if self.deadline != math.inf:
-            self.settimeout(_remaining(self.deadline))
+            self.settimeout(_remaining(self.deadline))  # type: ignore[attr-defined]
 
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+    def recv(self, *args: Any, **kw: Any) -> bytes:
         self._arm()
-        return super().recv(bufsize, flags)
+        return super().recv(*args, **kw)  # type: ignore[misc]
 
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+    def recv_into(self, *args: Any, **kw: Any) -> int:
         self._arm()
-        return super().recv_into(buffer, nbytes, flags)
+        return super().recv_into(*args, **kw)  # type: ignore[misc]
 
-    def send(self, data: Any, flags: int = 0) -> int:
+    def send(self, *args: Any, **kw: Any) -> int:
         self._arm()
-        return super().send(data, flags)
+        return super().send(*args, **kw)  # type: ignore[misc]
 
-    def sendall(self, data: Any, flags: int = 0) -> None:
+    def sendall(self, *args: Any, **kw: Any) -> None:
         self._arm()
-        super().sendall(data, flags)
+        super().sendall(*args, **kw)  # type: ignore[misc]
 
 
-class _DeadlineSSLSocket(ssl.SSLSocket):
+class _DeadlineSocket(_DeadlineMixin, socket.socket):
+    """A plain TCP socket bound by the request's deadline."""
+
+
+class _DeadlineSSLSocket(_DeadlineMixin, ssl.SSLSocket):
     """TLS counterpart of :class:`_DeadlineSocket` (installed via ``SSLContext.sslsocket_class``).
 
     The handshake is bounded by the socket timeout, which is set to the time left before
     wrapping (CPython applies it to the whole handshake).
     """
-
-    deadline: float = math.inf
-
-    def _arm(self) -> None:
-        if self.deadline != math.inf:
-            self.settimeout(_remaining(self.deadline))
-
-    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
-        self._arm()
-        return super().recv(buflen, flags)
-
-    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
-        self._arm()
-        return super().recv_into(buffer, nbytes, flags)  # type: ignore[arg-type]
-
-    def send(self, data: Any, flags: int = 0) -> int:
-        self._arm()
-        return super().send(data, flags)
-
-    def sendall(self, data: Any, flags: int = 0) -> None:
-        self._arm()
-        super().sendall(data, flags)
 
 
 _ssl_ctx: ssl.SSLContext | None = None

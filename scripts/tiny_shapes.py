@@ -75,7 +75,7 @@ def draw(scene: Scene, rng: random.Random, size: int | None = None) -> Image.Ima
     while len(placed) < scene.count:
         placed = []
         for _ in range(200):
-            r = rng.uniform(0.09, 0.16) * side
+            r = rng.uniform(0.12, 0.19) * side
             x = rng.uniform(r + 2, side - r - 2)
             y = rng.uniform(r + 2, side - r - 2)
             if all(math.hypot(x - px, y - py) > r + pr + 4 for px, py, pr in placed):

@@ -28,15 +28,19 @@ import tiny_shapes  # noqa: E402
 log = logging.getLogger("train_tiny_shapes")
 
 DEFAULT_OUT = ROOT / "models" / "tiny-shapes"
-IMAGE_SIZE = 64
-VIT = {"patch_size": 8, "embed_dim": 128, "depth": 3, "num_heads": 4}
+IMAGE_SIZE = 96
+VIT = {"patch_size": 16, "embed_dim": 128, "depth": 4, "num_heads": 4}
 TEXT_DECODER = {
     "hidden_size": 128,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "intermediate_size": 512,
     "max_position_embeddings": 128,
+    # Synthetic data is unlimited: regularising the decoder only slows it down.
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
 }
+EMA_DECAY = 0.998
 PROMPT = "a picture of "
 
 
@@ -74,19 +78,46 @@ def write_model_yaml(directory: Path) -> Path:
     return path
 
 
-def make_dataset(n: int, seed: int, transform: object) -> tuple[object, list[str]]:
+def make_dataset(n: int, seed: int, resize: object) -> tuple[object, list[str]]:
+    """N resized images as one uint8 tensor (4x smaller than floats) and their captions.
+
+    Many distinct images matter more than many epochs: with 16k images the model memorised
+    them (99.5 % on training images, 93.5 % on fresh ones).
+    """
+    import numpy as np
     import torch
 
     rng = random.Random(seed)
     images, captions = [], []
     for _ in range(n):
         img, caption = tiny_shapes.sample(rng)
-        images.append(transform(img))  # type: ignore[operator]
+        images.append(torch.from_numpy(np.asarray(resize(img), dtype=np.uint8).copy()))  # type: ignore[operator]
         captions.append(caption)
-    return torch.stack(images), captions
+    return torch.stack(images).permute(0, 3, 1, 2).contiguous(), captions
 
 
-def train(out: Path, seed: int, steps: int, batch_size: int, train_size: int) -> None:
+def held_out_accuracy(model: object, spec: object, n: int = 128, seed: int = 424242) -> float:
+    """Exact-match accuracy through the serving code path (Captioner), on images not trained on."""
+    import blip2_model
+
+    rng = random.Random(seed)
+    pairs = [tiny_shapes.sample(rng) for _ in range(n)]
+    # Stock decoding: the fast path would patch the ViT in place, changing training after it.
+    captioner = blip2_model.Captioner(model, spec, decode="stock")  # type: ignore[arg-type]
+    got = captioner.caption([img for img, _ in pairs])
+    return sum(g[0] == c for g, (_, c) in zip(got, pairs, strict=True)) / n
+
+
+def train(
+    out: Path,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    train_size: int,
+    eval_every: int = 0,
+    lr: float = 2e-3,
+    bf16: bool = True,
+) -> None:
     import torch
 
     import blip2_model
@@ -104,10 +135,13 @@ def train(out: Path, seed: int, steps: int, batch_size: int, train_size: int) ->
     transform = blip2_model.image_transform(spec)
 
     started = time.monotonic()
-    images, captions = make_dataset(train_size, seed, transform)
+    # The service's own transform: Resize -> ToTensor -> Normalize. Resize once up front;
+    # ToTensor (/255) and Normalize per batch, exactly as the service computes them.
+    resize, _to_tensor, normalize = transform.transforms  # type: ignore[attr-defined]
+    images, captions = make_dataset(train_size, seed, resize)
     log.info("drew %d training images in %.1fs", train_size, time.monotonic() - started)
 
-    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
 
     def lr_at(step: int) -> float:
@@ -117,6 +151,9 @@ def train(out: Path, seed: int, steps: int, batch_size: int, train_size: int) ->
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_at)
     gen = torch.Generator().manual_seed(seed)
+    # An exponential moving average of the weights is what gets saved: it smooths out the
+    # step-to-step noise that otherwise decides the last few percent of exact matches.
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.train()
     order = torch.randperm(train_size, generator=gen)
     cursor = 0
@@ -128,20 +165,36 @@ def train(out: Path, seed: int, steps: int, batch_size: int, train_size: int) ->
         cursor += batch_size
         # BlipCaption.forward expects the text to start with the prompt (it masks those tokens).
         text = [PROMPT + captions[i] for i in idx.tolist()]
-        loss = model({"image": images[idx], "text_input": text}).loss
+        pixels = normalize(images[idx].float().div_(255))
+        # bf16 autocast (AMX on this CPU) fits ~1.5x more samples into the time budget; the
+        # weights, optimiser state and EMA stay fp32.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model({"image": pixels, "text_input": text}).loss
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
         scheduler.step()
+        with torch.no_grad():
+            decay = min(EMA_DECAY, (1 + step) / (10 + step))
+            for key, value in model.state_dict().items():
+                if value.is_floating_point():
+                    ema[key].mul_(decay).add_(value, alpha=1 - decay)
+                else:
+                    ema[key].copy_(value)
         if step % 100 == 0 or step == steps - 1:
             log.info(
                 "step %d/%d loss %.4f (%.0fs)", step, steps, loss.item(), time.monotonic() - started
             )
+        if eval_every and (step + 1) % eval_every == 0:
+            live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(ema)
+            log.info("step %d held-out accuracy %.3f", step + 1, held_out_accuracy(model, spec))
+            model.load_state_dict(live)
+            model.train()
 
     model.eval()
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    torch.save({"model": state}, out / "checkpoint.pth")
+    torch.save({"model": ema}, out / "checkpoint.pth")
     size = (out / "checkpoint.pth").stat().st_size
     log.info(
         "wrote %s (%.1f MB) in %.0fs",
@@ -168,9 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="model folder, or sample folder with --sample")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--sample", type=int, metavar="N", help="write N labelled images instead")
-    parser.add_argument("--steps", type=int, default=2500)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--train-size", type=int, default=20000)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--train-size", type=int, default=60000)
+    parser.add_argument("--eval-every", type=int, default=500, help="0 = no held-out checks")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast while training")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.sample is not None:
@@ -179,7 +235,16 @@ def main(argv: list[str] | None = None) -> int:
         write_samples(args.out, args.sample, args.seed)
         print(f"wrote {args.sample} images and captions.jsonl to {args.out}")
         return 0
-    train(args.out or DEFAULT_OUT, args.seed, args.steps, args.batch_size, args.train_size)
+    train(
+        args.out or DEFAULT_OUT,
+        args.seed,
+        args.steps,
+        args.batch_size,
+        args.train_size,
+        args.eval_every,
+        args.lr,
+        bf16=not args.fp32,
+    )
     return 0
 
 
