@@ -10,13 +10,14 @@ apart from the model in the same way).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -46,6 +47,12 @@ class _Job(Generic[Item, Result]):
     options: Any
     deadline: float
     future: Future[Result] = field(default_factory=Future)
+
+
+def _fail(future: Future[Any], exc: BaseException) -> None:
+    """Fail a future unless its caller already gave up on it (cancelled after its deadline)."""
+    with contextlib.suppress(InvalidStateError):
+        future.set_exception(exc)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -91,7 +98,7 @@ class Batcher(Generic[Item, Result]):
             self._queue.clear()
             self._cond.notify_all()
         for job in pending:
-            job.future.set_exception(WorkerStopped("the inference worker stopped"))
+            _fail(job.future, WorkerStopped("the inference worker stopped"))
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -161,7 +168,7 @@ class Batcher(Generic[Item, Result]):
                 self._queue.remove(job)
             elif job.deadline <= now:
                 self._queue.remove(job)
-                job.future.set_exception(DeadlineExceeded("timed out waiting in the queue"))
+                _fail(job.future, DeadlineExceeded("timed out waiting in the queue"))
 
     def _loop(self) -> None:
         while True:
@@ -184,7 +191,7 @@ class Batcher(Generic[Item, Result]):
         except Exception as exc:  # a bad image or an OOM must not fail its neighbours
             if len(jobs) == 1:
                 log.warning("inference failed: %s: %s", type(exc).__name__, exc)
-                jobs[0].future.set_exception(exc)
+                _fail(jobs[0].future, exc)
                 return
             if _is_oom(exc):
                 _empty_cuda_cache()

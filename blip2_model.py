@@ -248,8 +248,22 @@ def load_tokenizer(tokenizer_dir: Path) -> BertTokenizer:
     return tokenizer
 
 
+def import_lavis() -> None:
+    """Import LAVIS once and undo its process-wide side effect on Pillow.
+
+    `lavis.datasets` sets `PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True` at import, which would make
+    every later decode in this process accept truncated images (grey-filled) instead of refusing
+    them with 400. Captioning never needs it, so the default is restored right away.
+    """
+    import lavis  # noqa: F401  (the import is the point)
+    from PIL import ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
 def _blip_caption_class() -> type:
     """LAVIS's BlipCaption, with its tokenizer taken from local files instead of the hub."""
+    import_lavis()
     from lavis.models.blip_models.blip_caption import BlipCaption
 
     class LocalBlipCaption(BlipCaption):
@@ -266,6 +280,7 @@ def _blip_caption_class() -> type:
 
 def build_model(spec: ModelSpec, tokenizer: BertTokenizer | None = None) -> Any:
     """Assemble a BlipCaption with freshly initialised weights (no checkpoint is read)."""
+    import_lavis()
     from lavis.models.med import XBertLMHeadDecoder
     from lavis.models.vit import VisionTransformerEncoder
     from transformers import BertConfig
