@@ -25,7 +25,7 @@ import ssl
 import stat
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -603,19 +603,30 @@ def _read_body(response: Any, max_bytes: int, deadline: float) -> bytes:
                 raise too_large_error(max_bytes)
         except ValueError:
             pass
+
+    def read_chunk(_wanted: int) -> bytes:
+        _remaining(deadline)
+        # read1 returns what one socket read (or one bounded decode step) gives.
+        return response.read1(_CHUNK, decode_content=True)
+
+    return _read_capped(read_chunk, max_bytes)
+
+
+def _read_capped(read_chunk: Callable[[int], bytes], max_bytes: int) -> bytes:
+    """Read chunks until EOF, refusing with 413 as soon as more than `max_bytes` arrived.
+
+    `read_chunk(n)` gets how many more bytes would still fit (plus one), as a hint.
+    """
     chunks: list[bytes] = []
     total = 0
     while True:
-        _remaining(deadline)
-        # read1 returns what one socket read (or one bounded decode step) gives.
-        chunk = response.read1(_CHUNK, decode_content=True)
+        chunk = read_chunk(max_bytes + 1 - total)
         if not chunk:
-            break
+            return b"".join(chunks)
         total += len(chunk)
         if total > max_bytes:
             raise too_large_error(max_bytes)
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _describe(exc: BaseException, deadline: float) -> str:
@@ -697,17 +708,7 @@ def read_file(path: str, *, max_bytes: int, roots: tuple[Path, ...] | None) -> b
             raise ImageInputError(403, f"Access denied: {path}")
         if st.st_size > max_bytes:
             raise too_large_error(max_bytes)
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > max_bytes:
-                raise too_large_error(max_bytes)
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return _read_capped(lambda wanted: os.read(fd, min(1 << 20, wanted)), max_bytes)
     except OSError as exc:
         log.debug("read failed: %r", exc)
         raise ImageInputError(400, f"{FILE_ERROR}: could not read file") from None
