@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-size", type=int, default=60000)
-    parser.add_argument("--eval-every", type=int, default=500, help="0 = no held-out checks")
+    parser.add_argument("--eval-every", type=int, default=1000, help="0 = no held-out checks")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast while training")
     args = parser.parse_args(argv)
