@@ -281,15 +281,14 @@ def _expected_device(settings: Settings) -> str:
 # ------------------------------------------------------------------------------- app factory
 
 
-def _apply_cors(resp: Response, allowed: str) -> Response:
+def _apply_cors(resp: Response, allowed: frozenset[str]) -> Response:
     """`*` without an Origin; the Origin echoed (with Vary) when the caller sends one."""
     origin = request.headers.get("Origin")
-    allowed_set = {o.strip() for o in allowed.split(",") if o.strip()}
     resp.vary.add("Origin")
     if origin is None:
-        if "*" in allowed_set:
+        if "*" in allowed:
             resp.headers["Access-Control-Allow-Origin"] = "*"
-    elif "*" in allowed_set or origin in allowed_set:
+    elif "*" in allowed or origin in allowed:
         resp.headers["Access-Control-Allow-Origin"] = origin
     if request.method == "OPTIONS":
         resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
@@ -328,6 +327,7 @@ def create_app(
     if captioner is not None:
         service.set_ready(captioner)
     app.register_blueprint(bp)
+    cors_origins = frozenset(o.strip() for o in settings.cors_origins.split(",") if o.strip())
 
     @app.before_request
     def _start_clock() -> None:
@@ -335,7 +335,7 @@ def create_app(
 
     @app.after_request
     def _cors(resp: Response) -> Response:
-        return _apply_cors(resp, settings.cors_origins)
+        return _apply_cors(resp, cors_origins)
 
     @app.errorhandler(ApiError)
     def _api_error(err: ApiError) -> Response:

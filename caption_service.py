@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from batcher import Batcher
@@ -29,12 +28,6 @@ class NotReady(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-
-
-@dataclass
-class CaptionResult:
-    captions: list[str]
-    cached: bool
 
 
 class CaptionService:

@@ -98,6 +98,20 @@ def large_coco(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 # --------------------------------------------------------------------------- helpers
 
 
+def stock_forward(dec: Any, ids: Any, repeated: Any) -> Any:
+    """One stock LAVIS decoder pass over image embeddings already repeated per beam."""
+    import torch
+
+    return dec(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        encoder_hidden_states=repeated,
+        encoder_attention_mask=torch.ones(repeated.shape[:-1], dtype=torch.long),
+        return_dict=True,
+        is_decoder=True,
+    )
+
+
 def prompt_ids(model: Any, text: str, rows: int) -> Any:
     """What Captioner._prompt_ids makes: [DEC] + prompt tokens, final [SEP] dropped."""
     ids = model.tokenizer([text] * rows, return_tensors="pt").input_ids
@@ -272,14 +286,7 @@ def test_step_logits_and_cache_bit_identical(small: dict) -> None:
     ids = prompt_ids(model, small["spec"].prompt + "b c ", 2).repeat_interleave(beams, 0)
     with torch.inference_mode():
         repeated = embeds.repeat_interleave(beams, 0)
-        stock = dec(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            encoder_hidden_states=repeated,
-            encoder_attention_mask=torch.ones(repeated.shape[:-1], dtype=torch.long),
-            return_dict=True,
-            is_decoder=True,
-        )
+        stock = stock_forward(dec, ids, repeated)
         lm = fast_decode._lm_class()(dec, fast_decode.CrossAttentionCache.build(dec, embeds))
         fast = lm(input_ids=ids, attention_mask=torch.ones_like(ids))
         assert torch.equal(stock.logits, fast.logits)
@@ -394,14 +401,7 @@ def test_bf16_step_close_to_stock_bf16(small: dict) -> None:
     ids = prompt_ids(model, small["spec"].prompt, 2).repeat_interleave(3, 0)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         repeated = embeds.repeat_interleave(3, 0)
-        stock = dec(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            encoder_hidden_states=repeated,
-            encoder_attention_mask=torch.ones(repeated.shape[:-1], dtype=torch.long),
-            return_dict=True,
-            is_decoder=True,
-        ).logits.float()
+        stock = stock_forward(dec, ids, repeated).logits.float()
         lm = fast_decode._lm_class()(dec, fast_decode.CrossAttentionCache.build(dec, embeds))
         fast = lm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
         assert lm.cache.layout == "heads"  # the fused path ran
