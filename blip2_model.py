@@ -466,38 +466,6 @@ def missing_files_message(spec: ModelSpec, settings: Settings, cause: str | None
 # --------------------------------------------------------------------------- runtime
 
 
-def resolve_device(requested: str | None) -> str:
-    import torch
-
-    if requested in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"DEVICE={requested} but CUDA is not available")
-    if requested != "cpu" and not requested.startswith("cuda"):
-        raise ModelError(f"DEVICE must be cpu, cuda or cuda:N, got {requested!r}")
-    return requested
-
-
-def cpu_supports_bf16() -> bool:
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """`auto`: fp16 on CUDA, fp32 on CPU. Refuse what the hardware cannot do."""
-    if precision == "auto":
-        return "fp16" if device.startswith("cuda") else "fp32"
-    if precision == "fp16" and not device.startswith("cuda"):
-        raise ModelError("PRECISION=fp16 needs a CUDA device; use fp32 or bf16 on CPU")
-    if precision == "bf16" and device == "cpu" and not cpu_supports_bf16():
-        raise ModelError("PRECISION=bf16 is not supported by this CPU; use fp32")
-    return precision
-
-
 class Captioner:
     """A loaded captioning model that captions a list of images in one batch.
 
@@ -556,6 +524,8 @@ class Captioner:
     def load(cls, settings: Settings) -> Captioner:
         """Load the configured model (MODEL_CONFIG, else MODEL_NAME/MODEL_TYPE from MODEL_DIR)."""
         import torch
+
+        from model_device import resolve_device, resolve_precision
 
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)

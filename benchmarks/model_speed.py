@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import blip2_model
     import fast_decode
+    import model_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             "descheduled thread, which hits the fast path hardest. Consider --threads 1 or "
             "--omp-passive."
         )
-    bf16_ok = blip2_model.cpu_supports_bf16()
+    bf16_ok = model_device.cpu_supports_bf16()
 
     with tempfile.TemporaryDirectory(prefix="model_speed-") as tmp:
         start = time.perf_counter()
