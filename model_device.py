@@ -49,7 +49,7 @@ LIBRARY_DIRS = (
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _VERSION = re.compile(r"\b(\d{3,4}\.\d{1,3}(?:\.\d{1,3})?)\b")
 _NO_GPUS = {"", "void", "none"}
-FIX_HINT = "see docs/gpu.md; set DEVICE=cpu to run on the CPU on purpose"
+FIX_HINT = "See docs/gpu.md; set DEVICE=cpu to run on the CPU on purpose."
 
 
 class DeviceError(RuntimeError):
@@ -431,7 +431,7 @@ def _unusable_cause(diag: GpuDiagnosis, state: CudaState) -> str:
 def _fallback_warning(diag: GpuDiagnosis, state: CudaState, cause: str) -> str:
     seen = ", ".join(diag.evidence) or f"torch sees {state.device_count} CUDA device(s)"
     return (
-        f"running on the CPU, not the GPU (about 17x slower): a GPU is visible ({seen}) but "
+        f"running on the CPU, not the GPU (many times slower): a GPU is visible ({seen}) but "
         f"CUDA cannot be used: {cause}. {FIX_HINT}"
     )
 
