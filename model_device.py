@@ -559,6 +559,20 @@ def plan_device(
     )
 
 
+def cuda_problem(*, root: Path = Path("/"), environ: Mapping[str, str] | None = None) -> str | None:
+    """None when CUDA device 0 can run this torch build, else why not (GPU test skip reasons)."""
+    import torch
+
+    diag = diagnose_gpu(
+        root=root,
+        environ=os.environ if environ is None else environ,
+        torch_cuda=torch.version.cuda,
+        torch_version=torch.__version__,
+    )
+    device, why = _choose_cuda("cuda", diag, cuda_state(torch), torch)
+    return None if device else why
+
+
 # --------------------------------------------------------------------------- older API
 
 
