@@ -16,10 +16,11 @@ WORKDIR /app
 # The same install commands as `make sync`: uv from pip, then the locked environment.
 RUN pip install --no-cache-dir uv==0.13.9
 COPY pyproject.toml uv.lock ./
-RUN uv sync --frozen --no-dev --no-cache
+RUN uv sync --frozen --no-dev --no-cache --no-install-project
 
 COPY . .
-RUN useradd --create-home --uid 10001 blip \
+RUN uv sync --frozen --no-dev --no-cache \
+    && useradd --create-home --uid 10001 blip \
     && mkdir -p /models \
     && chown -R blip:blip /models /app
 USER 10001

@@ -132,6 +132,16 @@ class Settings:
             raise SettingsError(f"unknown settings: {', '.join(sorted(unknown))}")
         return replace(self, **changes)
 
+    def with_flags(self, args: Any, **fields_by_flag: str) -> Settings:
+        """A copy with the command-line flags that were given applied (flag dest → field name);
+        flags left at None keep the environment's value. One mapping for every CLI."""
+        changes = {
+            field: getattr(args, flag)
+            for flag, field in fields_by_flag.items()
+            if getattr(args, flag, None) is not None
+        }
+        return self.with_overrides(**changes)
+
     @classmethod
     def from_env(
         cls,

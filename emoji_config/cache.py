@@ -13,17 +13,16 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bounded_io import remove_stale_temporaries, write_atomic
+
+__all__ = ["CacheEntry", "read_entry", "remove_stale_temporaries", "write_atomic", "write_entry"]
+
 logger = logging.getLogger(__name__)
 
-TMP_SUFFIX = ".tmp"
 META_SUFFIX = ".meta.json"
 MAX_META_BYTES = 64 * 1024
 
@@ -31,61 +30,6 @@ MAX_META_BYTES = 64 * 1024
 def sha256(data: bytes) -> str:
     """Hex digest used to tie a meta file to its data file."""
     return hashlib.sha256(data).hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (not possible on every platform, hence best effort)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(
-    path: Path,
-    data: bytes,
-    *,
-    chunk_size: int = 64 * 1024,
-    on_chunk: Callable[[int], None] | None = None,
-) -> None:
-    """Replace `path` with `data`: temporary file in the same folder, fsync, rename.
-
-    `on_chunk(bytes_written)` runs after each chunk (progress reporting; tests use it to crash
-    the writer half-way). On any error the temporary file is removed and `path` is untouched.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            view = memoryview(data)
-            for start in range(0, len(view), chunk_size):
-                handle.write(view[start : start + chunk_size])
-                if on_chunk is not None:
-                    on_chunk(min(start + chunk_size, len(view)))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def remove_stale_temporaries(directory: Path, older_than: float = 600.0) -> None:
-    """Delete temporary files a crashed writer left behind (they are never read).
-
-    Only old ones: a young temporary file may belong to another process writing right now.
-    """
-    limit = time.time() - older_than
-    with contextlib.suppress(OSError):
-        for leftover in directory.glob(f".*{TMP_SUFFIX}"):
-            with contextlib.suppress(OSError):
-                if leftover.stat().st_mtime < limit:
-                    leftover.unlink()
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ socket read returns) so the overall deadline is checked often even when a server
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -16,6 +15,8 @@ from urllib.request import url2pathname
 
 import requests
 import urllib3
+
+from bounded_io import read_capped, remaining
 
 USER_AGENT = "blip2-caption-service emoji-config"
 CHUNK_BYTES = 64 * 1024
@@ -39,10 +40,7 @@ class Fetched:
 
 
 def _remaining(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise FetchError("timed out")
-    return left
+    return remaining(deadline, lambda: FetchError("timed out"))
 
 
 def _fetch_file(url: str, max_bytes: int) -> Fetched:
@@ -90,19 +88,18 @@ def fetch(
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > max_bytes:
                 raise FetchError(f"Content-Length {declared} exceeds {max_bytes} bytes")
-            body = bytearray()
-            while True:
+
+            def read_chunk(_wanted: int) -> bytes:
                 _remaining(deadline)
                 if cancel is not None and cancel.is_set():
                     raise FetchError("cancelled")
-                chunk = response.raw.read1(CHUNK_BYTES, decode_content=True)
-                if not chunk:
-                    break
-                body += chunk
-                if len(body) > max_bytes:
-                    raise FetchError(f"body exceeds {max_bytes} bytes")
+                return response.raw.read1(CHUNK_BYTES, decode_content=True)
+
+            body = read_capped(
+                read_chunk, max_bytes, lambda: FetchError(f"body exceeds {max_bytes} bytes")
+            )
             return Fetched(
-                bytes(body),
+                body,
                 response.headers.get("ETag"),
                 response.headers.get("Last-Modified"),
             )

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from local_http import LocalHTTPServer
 
-from local_http import LocalHTTPServer  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SHARED = ROOT.parent / "shared"
 REFERENCE_CONFIG = SHARED / "reference-config"
@@ -43,23 +40,25 @@ def base_settings(tmp_path: Path):
 
 @pytest.fixture
 def serve_app(tiny_captioner):
-    """Factory: a real waitress server around `create_app(settings, captioner)`, closed after."""
-    from REST import close_app, create_app
+    """Factory: a real waitress server around `create_app(Runtime(settings, captioner=...))`,
+    started and ready; closed (server, then runtime) after the test."""
+    from captioning.runtime import Runtime
+    from REST import create_app
     from servers import RunningServer
 
-    running: list[RunningServer] = []
+    running: list[tuple[RunningServer, Runtime]] = []
 
     def start(settings, captioner=tiny_captioner, **kw):
-        app = create_app(settings, captioner, **kw)
-        app.extensions["blip2.emoji"].load()
-        server = RunningServer(app)
-        running.append(server)
+        runtime = Runtime(settings, captioner=captioner, **kw).start(wait=True)
+        server = RunningServer(create_app(runtime))
+        server.runtime = runtime
+        running.append((server, runtime))
         return server
 
     yield start
-    for server in running:
+    for server, runtime in running:
         server.close()
-        close_app(server.app)
+        runtime.stop()
 
 
 @pytest.fixture

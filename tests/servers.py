@@ -15,6 +15,7 @@ class RunningServer:
 
     def __init__(self, app: Flask, threads: int = 8, **kw: Any) -> None:
         self.app = app
+        self.runtime: Any = None  # set by fixtures that build the app around a runtime
         self.server = create_server(app, host="127.0.0.1", port=0, threads=threads, **kw)
         self.port = self.server.effective_port
         self.url = f"http://127.0.0.1:{self.port}"

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from batcher import Batcher, DeadlineExceeded, QueueFull
 from blip2_model import GenerationOptions
-from result_cache import MemoryCache, RedisCache, cache_key, cacheable
+from captioning.batcher import Batcher, DeadlineExceeded, QueueFull
+from captioning.result_cache import MemoryCache, RedisCache, cache_key, cacheable
 from test_rest_api import assert_success, two_red_circles
 
 # ----------------------------------------------------------------------------- batcher alone

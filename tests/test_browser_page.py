@@ -116,11 +116,6 @@ def page_server(serve_app, base_settings, http_server):
         mwe_url=http_server.url("/mwe.txt"),
     )
     server = serve_app(settings)
-    if "page" not in server.app.blueprints:
-        import http_api.page
-
-        # TODO(lead): remove once create_app registers the page
-        server.app.register_blueprint(http_api.page.bp)
     return server
 
 

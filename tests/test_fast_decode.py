@@ -539,8 +539,6 @@ def test_tiny_shapes_captions_identical(tiny_captioner: Any) -> None:
     import torch
 
     import blip2_model
-
-    sys.path.insert(0, str(ROOT / "scripts"))
     import tiny_shapes
 
     rng = random.Random(2024)

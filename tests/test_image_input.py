@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import image_input
 from image_input import (
     FILE_ERROR,
     URL_ERROR,
@@ -36,6 +35,7 @@ from image_input import (
     is_address_allowed,
     read_file,
     resolve_allowed,
+    url_fetch,
 )
 from local_http import LocalHTTPServer
 
@@ -630,8 +630,8 @@ def tls_server(certs: dict[str, tuple[Path, Path]]) -> Iterator[Callable[..., _T
 
 def trust(monkeypatch: pytest.MonkeyPatch, cert: Path) -> None:
     """Trust a test certificate instead of the public CA bundle (the only thing swapped)."""
-    ctx = image_input._build_ssl_context(str(cert))
-    monkeypatch.setattr(image_input, "_ssl_context", lambda: ctx)
+    ctx = url_fetch.build_ssl_context(str(cert))
+    monkeypatch.setattr(url_fetch, "_ssl_context", lambda cafile=None: ctx)
 
 
 def test_https_untrusted_certificate_refused(tls_server) -> None:

@@ -13,17 +13,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+import tiny_shapes
+from blip2_model import Captioner, GenerationOptions, ModelFilesMissing
+from captioning.errors import InvalidOption
+from settings import Settings
 
-import tiny_shapes  # noqa: E402
-from blip2_model import (  # noqa: E402
-    Captioner,
-    GenerationOptions,
-    GenerationOptionsError,
-    ModelFilesMissing,
-)
-from settings import Settings  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def fresh_samples(n: int, seed: int) -> tuple[list[Image.Image], list[str]]:
@@ -83,7 +78,7 @@ def test_default_options_are_the_reference_decode() -> None:
     ],
 )
 def test_option_validation_names_the_option(kw: dict, param: str) -> None:
-    with pytest.raises(GenerationOptionsError) as err:
+    with pytest.raises(InvalidOption) as err:
         GenerationOptions(**kw).validate()
     assert err.value.param == param and param in err.value.message
 

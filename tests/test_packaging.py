@@ -14,7 +14,8 @@ def _locked() -> dict[str, str]:
     return {
         p["name"]: p["version"]
         for p in lock["package"]
-        if p.get("source", {}).get("virtual") is None and "version" in p
+        # The project itself (virtual or editable) is installed from the tree, not pinned.
+        if not {"virtual", "editable"} & set(p.get("source", {})) and "version" in p
     }
 
 

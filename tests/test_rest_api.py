@@ -16,7 +16,6 @@ import pytest
 import requests
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from tiny_shapes import Scene, draw  # noqa: E402
 
 ORCHESTRATOR_TIMEOUT = 30
@@ -443,10 +442,12 @@ def test_health_contract(server) -> None:
 
 
 def test_loading_and_failed_model_answer_503(base_settings) -> None:
-    from REST import close_app, create_app
+    from captioning.runtime import Runtime
+    from REST import create_app
     from servers import RunningServer
 
-    app = create_app(base_settings)  # no captioner yet: still loading
+    runtime = Runtime(base_settings)  # not started: the model is still loading
+    app = create_app(runtime)
     server = RunningServer(app)
     try:
         resp = requests.get(server.url + "/health", timeout=2)
@@ -456,7 +457,7 @@ def test_loading_and_failed_model_answer_503(base_settings) -> None:
         resp = post_like_orchestrator(server.url, two_red_circles())
         assert resp.status_code == 503 and resp.json()["status"] == "loading"
         assert resp.json()["error"]["message"] == "Model is loading"
-        app.extensions["blip2.service"].set_failed("checkpoint missing")
+        runtime.model.set_failed("checkpoint missing")
         resp = requests.get(server.url + "/health", timeout=2)
         assert resp.status_code == 503
         assert resp.json()["status"] == "error"
@@ -465,7 +466,7 @@ def test_loading_and_failed_model_answer_503(base_settings) -> None:
         assert resp.status_code == 503 and resp.json()["status"] == "error"
     finally:
         server.close()
-        close_app(app)
+        runtime.stop()
 
 
 # ----------------------------------------------------------------------------- generation options

@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
-from blip2_model import GenerationOptions
+from captioning.options import GenerationOptions
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def cache_key(image_bytes: bytes, model_identity: str, options: GenerationOption
     digest = hashlib.sha256()
     digest.update(hashlib.sha256(image_bytes).digest())
     digest.update(model_identity.encode("utf-8"))
-    digest.update(json.dumps(options.key(), sort_keys=True).encode("utf-8"))
+    digest.update(json.dumps(options.signature(), sort_keys=True).encode("utf-8"))
     return digest.hexdigest()
 
 

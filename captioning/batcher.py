@@ -3,7 +3,8 @@
 The model is not thread-safe and a 2-core CPU gains nothing from running two forward passes at
 once, so exactly one worker thread calls it. HTTP threads `submit` work and wait on a future with
 their own deadline. Requests whose generation options are equal are merged into one batch of up to
-`max_batch_size`, waiting at most `batch_wait_ms` after the first one arrives. The worker knows
+`max_batch_size`, waiting at most `batch_wait_ms` after the first one arrives (the caller says
+which requests may share a batch by giving them the same `group`). The worker knows
 nothing about the model: it calls `run_batch(images, options)` (Hugging Face TGI keeps its router
 apart from the model in the same way).
 """
@@ -22,28 +23,26 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from captioning.errors import DeadlineExceeded, Overloaded, ShuttingDown
+
 log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-class QueueFull(Exception):
-    """The queue is at MAX_QUEUE; the caller should retry later (HTTP 503 + Retry-After)."""
+class QueueFull(Overloaded):
+    """The queue is at MAX_QUEUE; the caller should retry later."""
 
 
-class DeadlineExceeded(Exception):
-    """The request's deadline passed before its result was ready (HTTP 503)."""
-
-
-class WorkerStopped(Exception):
+class WorkerStopped(ShuttingDown):
     """The worker was stopped while the request was waiting."""
 
 
 @dataclass
 class _Job(Generic[Item, Result]):
     item: Item
-    key: Hashable
+    group: Hashable
     options: Any
     deadline: float
     future: Future[Result] = field(default_factory=Future)
@@ -98,9 +97,23 @@ class Batcher(Generic[Item, Result]):
             self._queue.clear()
             self._cond.notify_all()
         for job in pending:
-            _fail(job.future, WorkerStopped("the inference worker stopped"))
+            _fail(job.future, WorkerStopped("Service is shutting down"))
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def drain(self, timeout: float) -> bool:
+        """Finish what is queued and running (for at most `timeout` seconds), then stop.
+
+        Returns True when everything finished; work still queued at the timeout is failed with
+        WorkerStopped by :meth:`stop`.
+        """
+        until = time.monotonic() + max(0.0, timeout)
+        with self._cond:
+            while (self._queue or self.busy) and time.monotonic() < until:
+                self._cond.wait(timeout=min(0.05, max(0.0, until - time.monotonic())))
+            idle = not self._queue and not self.busy
+        self.stop()
+        return idle
 
     @property
     def depth(self) -> int:
@@ -109,21 +122,21 @@ class Batcher(Generic[Item, Result]):
 
     # -- client side -----------------------------------------------------------------------
 
-    def submit(self, item: Item, options: Any, key: Hashable, deadline: float) -> Future[Result]:
+    def submit(self, item: Item, options: Any, group: Hashable, deadline: float) -> Future[Result]:
         """Queue one item; raise QueueFull at once when the queue is at its bound."""
-        job: _Job[Item, Result] = _Job(item, key, options, deadline)
+        job: _Job[Item, Result] = _Job(item, group, options, deadline)
         with self._cond:
             if self._stopping:
-                raise WorkerStopped("the inference worker is stopped")
+                raise WorkerStopped("Service is shutting down")
             if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"queue is full ({self.max_queue} waiting)")
+                raise QueueFull("Server busy: too many requests queued, retry shortly")
             self._queue.append(job)
             self._cond.notify_all()
         return job.future
 
-    def run(self, item: Item, options: Any, key: Hashable, deadline: float) -> Result:
+    def run(self, item: Item, options: Any, group: Hashable, deadline: float) -> Result:
         """Submit and wait until the result is ready or `deadline` (time.monotonic) passes."""
-        future = self.submit(item, options, key, deadline)
+        future = self.submit(item, options, group, deadline)
         try:
             return future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
@@ -134,7 +147,7 @@ class Batcher(Generic[Item, Result]):
     # -- worker side -----------------------------------------------------------------------
 
     def _take_batch(self) -> list[_Job[Item, Result]] | None:
-        """Block for the first job, then gather same-key jobs until the batch or wait is full."""
+        """Block for the first job, then gather same-group jobs until the batch or wait is full."""
         with self._cond:
             while not self._stopping:
                 self._drop_dead_locked()
@@ -143,13 +156,14 @@ class Batcher(Generic[Item, Result]):
                 self._cond.wait(timeout=0.5)
             if self._stopping:
                 return None
+            self.busy = True  # from the moment work leaves the queue (drain() watches this)
             first = self._queue.popleft()
             batch = [first]
             until = time.monotonic() + self.batch_wait
             while len(batch) < self.max_batch_size:
                 self._drop_dead_locked()
                 for job in list(self._queue):
-                    if job.key == first.key:
+                    if job.group == first.group:
                         self._queue.remove(job)
                         batch.append(job)
                         if len(batch) == self.max_batch_size:
@@ -176,13 +190,13 @@ class Batcher(Generic[Item, Result]):
             if batch is None:
                 return
             live = [job for job in batch if job.future.set_running_or_notify_cancel()]
-            if not live:
-                continue
-            self.busy = True
             try:
-                self._execute(live)
+                if live:
+                    self._execute(live)
             finally:
-                self.busy = False
+                with self._cond:
+                    self.busy = False
+                    self._cond.notify_all()
 
     def _execute(self, jobs: list[_Job[Item, Result]]) -> None:
         """Run a batch; on failure isolate the bad item by retrying singly; halve on CUDA OOM."""

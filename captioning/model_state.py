@@ -1,0 +1,75 @@
+"""The model's lifecycle word and, once it is loaded, the captioner and the batcher in front of it.
+
+`state` is `loading` until the runtime hands over a warmed-up captioner, then `loaded`; a load
+that fails leaves `error` with the reason. Readers that need the model call :meth:`ready`, which
+either gives them both parts or raises `NotReady` — one check, one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from captioning.errors import NotReady
+
+if TYPE_CHECKING:
+    from blip2_model import Captioner
+    from captioning.batcher import Batcher
+
+log = logging.getLogger(__name__)
+
+LOADING, LOADED, FAILED = "loading", "loaded", "error"
+_MESSAGES = {LOADING: "Model is loading", FAILED: "Model failed to load"}
+
+
+class ModelState:
+    """Thread-safe holder of the model's state (`loading`, `loaded`, `error`)."""
+
+    def __init__(self) -> None:
+        self.state = LOADING
+        self.reason = "model is loading"
+        self.captioner: Captioner | None = None
+        self.batcher: Batcher[Any, list[str]] | None = None
+        self.load_seconds: float | None = None
+        self._lock = threading.Lock()
+
+    def set_ready(
+        self, captioner: Captioner, batcher: Batcher[Any, list[str]], load_seconds: float = 0.0
+    ) -> None:
+        with self._lock:
+            self.captioner, self.batcher = captioner, batcher
+            self.state, self.reason = LOADED, ""
+            self.load_seconds = load_seconds
+        log.info("model %s ready on %s", captioner.name, captioner.device)
+
+    def set_failed(self, reason: str) -> None:
+        with self._lock:
+            self.state, self.reason = FAILED, reason
+        log.error("model failed to load: %s", reason)
+
+    def ready(self) -> tuple[Captioner, Batcher[Any, list[str]]]:
+        """The captioner and its batcher, or NotReady (503) while loading or after a failure."""
+        with self._lock:
+            captioner, batcher, state = self.captioner, self.batcher, self.state
+        if state != LOADED or captioner is None or batcher is None:
+            raise NotReady(state, _MESSAGES.get(state, "Model is not ready"), self.reason)
+        return captioner, batcher
+
+    def health(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"status": self.state}
+        if self.captioner is not None:
+            info.update(
+                name=self.captioner.name,
+                device=self.captioner.device,
+                precision=self.captioner.precision,
+            )
+        if self.batcher is not None:
+            info.update(
+                queue_depth=self.batcher.depth,
+                max_queue=self.batcher.max_queue,
+                max_batch_size=self.batcher.max_batch_size,
+                batches_run=self.batcher.batches_run,
+                images_run=self.batcher.items_run,
+            )
+        return info

@@ -1,0 +1,125 @@
+"""The one owner of every thread, pool and client the service runs.
+
+    runtime = Runtime(settings).start()      # returns at once; the model loads in the background
+    ...
+    runtime.stop(drain_timeout=30)           # finish queued work, then stop everything
+
+Start order (one thread, "model-loader"): emoji config (bounded by TIMEOUT; falls back to the
+cache or the bundled default) → emoji refresh thread → model load and warm-up → batcher. Stop
+order is the reverse: batcher (drained) → emoji refresh → URL fetcher's DNS pool → result cache.
+Nothing else in the code base starts a thread that outlives a call (waitress owns its own
+request threads; REST.py owns waitress).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from captioning.batcher import Batcher
+from captioning.model_state import ModelState
+from captioning.pipeline import Pipeline
+from captioning.result_cache import ResultCache, make_cache
+from emoji_config import EmojiConfigStore
+from image_input.sources import ImageReader
+
+if TYPE_CHECKING:
+    from blip2_model import Captioner
+    from settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Builds the service's parts from one Settings object and runs their lifecycles."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        captioner: Captioner | None = None,
+        emoji_store: EmojiConfigStore | None = None,
+        cache: ResultCache | None = None,
+    ) -> None:
+        """`captioner`: an already loaded model (tests, tools); otherwise the configured one is
+        loaded by :meth:`start`."""
+        self.settings = settings
+        self.cache = cache or make_cache(
+            settings.redis_url, settings.cache_size, settings.cache_ttl
+        )
+        self.emoji = emoji_store or EmojiConfigStore(settings)
+        self.images = ImageReader(settings)
+        self.model = ModelState()
+        self.pipeline = Pipeline(settings, self.model, self.cache, self.emoji)
+        self.draining = False
+        self._given_captioner = captioner
+        self._loader: threading.Thread | None = None
+        self._stopped = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, *, wait: bool = False) -> Runtime:
+        """Load the emoji config and the model, then start the batcher. In the background
+        unless `wait` (tests and tools that want a ready runtime when this returns)."""
+        if wait:
+            self._load()
+        else:
+            self._loader = threading.Thread(target=self._load, name="model-loader", daemon=True)
+            self._loader.start()
+        return self
+
+    def _load(self) -> None:
+        self.emoji.load()
+        self.emoji.start_refresh()
+        started = time.monotonic()
+        try:
+            captioner = self._given_captioner or self._load_captioner()
+        except Exception as exc:  # any failure becomes a 503 with the reason in /health
+            self.model.set_failed(str(exc) or type(exc).__name__)
+            return
+        if self._stopped:
+            return
+        batcher: Batcher[Any, list[str]] = Batcher(
+            captioner.caption,
+            max_batch_size=self.settings.max_batch_size,
+            batch_wait_ms=self.settings.batch_wait_ms,
+            max_queue=self.settings.max_queue,
+        ).start()
+        self.model.set_ready(captioner, batcher, time.monotonic() - started)
+
+    def _load_captioner(self) -> Captioner:
+        from blip2_model import Captioner
+
+        captioner = Captioner.load(self.settings)
+        captioner.warmup()  # the first request should not pay for lazy initialisation
+        return captioner
+
+    def begin_drain(self) -> None:
+        """Say `draining` in /health so load balancers stop sending; work goes on."""
+        if not self.draining:
+            log.info("draining: finishing accepted work")
+        self.draining = True
+
+    def stop(self, drain_timeout: float = 0.0) -> bool:
+        """Finish queued model work (up to `drain_timeout` s), then stop every part in reverse
+        start order. Returns True when nothing queued was lost."""
+        self.begin_drain()
+        self._stopped = True
+        drained = True
+        batcher = self.model.batcher
+        if batcher is not None:
+            drained = batcher.drain(drain_timeout)
+        self.emoji.close()
+        self.images.close()
+        self.cache.close()
+        return drained
+
+    # -- reports -----------------------------------------------------------------------------
+
+    def warnings(self) -> list[str]:
+        found = list(self.cache.warnings())
+        if self.model.state == "error":
+            found.insert(0, f"model failed to load: {self.model.reason}")
+        return found

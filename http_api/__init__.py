@@ -1,0 +1,36 @@
+"""The HTTP edge: one blueprint module per part, wired onto an app by :func:`init_app`.
+
+    analyze.py   /analyze, /v3/analyze           request_image.py  which image a request carries
+    health.py    /health                         envelope.py       the v3 bodies
+    page.py      /  (browser page, page_static/)
+    errors.py    every error → envelope           cors.py           CORS headers
+    context.py   the runtime behind the app
+
+Views parse, call the pipeline, and wrap the result; they never translate errors or start
+threads. To add a route: a new module with a `bp`, registered below.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from flask import Flask
+
+from http_api import analyze, context, cors, errors, health, page
+from http_api.envelope import start_clock
+
+if TYPE_CHECKING:
+    from captioning.runtime import Runtime
+
+
+def init_app(app: Flask, runtime: Runtime) -> None:
+    settings = runtime.settings
+    context.attach(app, runtime)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_file_size
+    app.json.sort_keys = True  # type: ignore[attr-defined]
+    app.json.ensure_ascii = True  # type: ignore[attr-defined]
+    app.before_request(start_clock)
+    cors.register(app, settings.cors_origins)
+    errors.register(app, settings.max_file_size)
+    for blueprint in (analyze.bp, health.bp, page.bp):
+        app.register_blueprint(blueprint)
