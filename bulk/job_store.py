@@ -1,0 +1,539 @@
+"""The embedded job store: jobs, items and results in one SQLite file that survives crashes.
+
+Peer services keep jobs in memory and lose them on restart. Here every state change is one
+SQLite transaction in WAL mode (``synchronous=FULL`` by default, so a committed result survives a
+power cut as well as a ``kill -9``): after a crash the file holds exactly the committed outcomes,
+:meth:`SqliteJobStore.release_claims` at start-up puts the dead process's claimed items back, and
+unfinished jobs resume where they stopped. A result is written only while its item has none, so
+no item is ever counted or stored twice.
+
+One connection per store, guarded by a lock (SQLite serialises writers anyway); write
+transactions are ``BEGIN IMMEDIATE`` with a busy timeout, so several stores or processes can share
+one file. See :mod:`bulk.jobs` for the protocol and docs/bulk.md for the guarantees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bulk.jobs import (
+    MAX_MESSAGE_CHARS,
+    MAX_REF_CHARS,
+    MAX_SOURCE_CHARS,
+    ClaimedItem,
+    ExpiredJob,
+    InvalidJob,
+    ItemRef,
+    ItemResult,
+    JobCounts,
+    JobStoreConfig,
+    JobStoreError,
+    JobView,
+    NewItem,
+    Outcome,
+    SpoolQuotaExceeded,
+    StoreStats,
+    TooManyItems,
+    TooManyJobs,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- creation order: oldest job first
+    id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL
+        CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    expires_at REAL NOT NULL,
+    options TEXT NOT NULL,
+    callback_url TEXT,
+    callback_state TEXT CHECK (callback_state IN ('pending', 'delivered', 'failed')),
+    callback_error TEXT,
+    error TEXT,
+    total INTEGER NOT NULL,
+    spool_dir TEXT,
+    spool_bytes INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_by_expiry ON jobs (expires_at);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS items (
+    job_seq INTEGER NOT NULL REFERENCES jobs (seq) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    input_ref TEXT NOT NULL,
+    state TEXT NOT NULL
+        CHECK (state IN ('pending', 'claimed', 'done', 'error', 'skipped')),
+    result TEXT,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    claimed_by TEXT,
+    claimed_at REAL,
+    finished_at REAL,
+    PRIMARY KEY (job_seq, idx)
+);
+CREATE INDEX IF NOT EXISTS items_pending ON items (job_seq, idx) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS items_claimed ON items (claimed_at) WHERE state = 'claimed';
+CREATE INDEX IF NOT EXISTS items_by_state ON items (job_seq, state);
+"""  # statements run one by one (executescript would commit)
+_JOB_COLUMNS = (
+    "seq, id, state, created_at, started_at, finished_at, expires_at, options, callback_url, "
+    "callback_state, error"
+)
+_GAVE_UP = "gave up after {attempts} attempts: processing stopped each time (crash or timeout)"
+
+
+class SqliteJobStore:
+    """:class:`bulk.jobs.JobStore` on one SQLite file (created if missing)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        config: JobStoreConfig | None = None,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError("synchronous must be FULL, NORMAL or EXTRA")
+        self.config = config or JobStoreConfig()
+        if self.config.claim_timeout <= 0 or self.config.max_attempts < 1:
+            raise ValueError("claim_timeout must be positive and max_attempts at least 1")
+        self.path = Path(path)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(
+            self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self._prepare(synchronous.upper(), busy_timeout)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _prepare(self, synchronous: str, busy_timeout: float) -> None:
+        conn = self._conn
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+            raise JobStoreError(f"{self.path}: the database cannot use WAL mode")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        with self._write() as tx:
+            version = tx.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise JobStoreError(f"{self.path}: unknown job store schema version {version}")
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                tx.execute(statement)
+            tx.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # -- transactions ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken at once (IMMEDIATE) so it never deadlocks on upgrade."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One consistent read snapshot."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                yield self._conn
+            finally:
+                self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- creating ------------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        items: Sequence[NewItem],
+        options: Mapping[str, Any],
+        *,
+        callback_url: str | None = None,
+        spool_dir: str | None = None,
+        spool_bytes: int = 0,
+    ) -> str:
+        self._check_new_job(items, callback_url)
+        options_json = _json(dict(options), "options")
+        job_id = secrets.token_urlsafe(16)
+        now = self._clock()
+        with self._write() as tx:
+            self._check_room(tx, spool_bytes)
+            seq = tx.execute(
+                "INSERT INTO jobs (id, state, created_at, expires_at, options, callback_url,"
+                " total, spool_dir, spool_bytes) VALUES (:id, 'queued', :now, :expires,"
+                " :options, :url, :total, :spool_dir, :spool_bytes)",
+                {
+                    "id": job_id,
+                    "now": now,
+                    "expires": now + self.config.ttl_seconds,
+                    "options": options_json,
+                    "url": callback_url,
+                    "total": len(items),
+                    "spool_dir": spool_dir,
+                    "spool_bytes": spool_bytes,
+                },
+            ).lastrowid
+            tx.executemany(
+                "INSERT INTO items (job_seq, idx, source, input_ref, state)"
+                " VALUES (?, ?, ?, ?, 'pending')",
+                ((seq, i, item.source, item.input_ref) for i, item in enumerate(items)),
+            )
+        log.info("job %s created with %d items", job_id, len(items))
+        return job_id
+
+    def _check_new_job(self, items: Sequence[NewItem], callback_url: str | None) -> None:
+        if not items:
+            raise InvalidJob("a job needs at least one item")
+        if len(items) > self.config.max_items_per_job:
+            raise TooManyItems(
+                f"a job may have at most {self.config.max_items_per_job} items, got {len(items)}"
+            )
+        for item in items:
+            if len(item.source) > MAX_SOURCE_CHARS or len(item.input_ref) > MAX_REF_CHARS:
+                raise InvalidJob("an item's name or address is too long")
+        if callback_url is not None and len(callback_url) > MAX_REF_CHARS:
+            raise InvalidJob("callback_url is too long")
+
+    def _check_room(self, tx: sqlite3.Connection, spool_bytes: int) -> None:
+        """The concurrent-job bound and the spool quota, inside the creating transaction."""
+        unfinished = tx.execute(
+            "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
+        ).fetchone()[0]
+        if unfinished >= self.config.max_unfinished_jobs:
+            raise TooManyJobs(
+                f"{unfinished} jobs are already queued or running (at most "
+                f"{self.config.max_unfinished_jobs}); try again when one has finished"
+            )
+        quota = self.config.max_spool_bytes
+        if quota is not None and spool_bytes > 0:
+            used = tx.execute("SELECT COALESCE(SUM(spool_bytes), 0) FROM jobs").fetchone()[0]
+            if used + spool_bytes > quota:
+                raise SpoolQuotaExceeded(
+                    "not enough job storage left for these uploads; try again later"
+                )
+
+    # -- working -------------------------------------------------------------------------------
+
+    def claim(self, worker_id: str, limit: int) -> list[ClaimedItem]:
+        if limit <= 0:
+            return []
+        now = self._clock()
+        with self._write() as tx:
+            self._release(tx, "claimed_at < ?", (now - self.config.claim_timeout,), now)
+            rows = tx.execute(
+                "SELECT job_seq, idx, source, input_ref, attempts FROM items"
+                " WHERE state = 'pending' ORDER BY job_seq, idx LIMIT ?",
+                (limit,),
+            ).fetchall()
+            tx.executemany(
+                "UPDATE items SET state = 'claimed', claimed_by = ?, claimed_at = ?,"
+                " attempts = attempts + 1 WHERE job_seq = ? AND idx = ?",
+                ((worker_id, now, seq, idx) for seq, idx, *_ in rows),
+            )
+            jobs = self._start_jobs(tx, {row[0] for row in rows}, now)
+        return [
+            ClaimedItem(ItemRef(jobs[seq][0], idx), source, ref, jobs[seq][1], attempts + 1)
+            for seq, idx, source, ref, attempts in rows
+        ]
+
+    def _start_jobs(
+        self, tx: sqlite3.Connection, seqs: set[int], now: float
+    ) -> dict[int, tuple[str, dict[str, Any]]]:
+        """Mark queued jobs running; each job's id and options."""
+        jobs: dict[int, tuple[str, dict[str, Any]]] = {}
+        for seq in seqs:
+            tx.execute(
+                "UPDATE jobs SET state = 'running', started_at = ?"
+                " WHERE seq = ? AND state = 'queued'",
+                (now, seq),
+            )
+            job_id, options = tx.execute(
+                "SELECT id, options FROM jobs WHERE seq = ?", (seq,)
+            ).fetchone()
+            jobs[seq] = (job_id, json.loads(options))
+        return jobs
+
+    def record(self, outcomes: Sequence[Outcome]) -> int:
+        now = self._clock()
+        recorded = 0
+        with self._write() as tx:
+            touched: set[int] = set()
+            for outcome in outcomes:
+                seq = self._record_one(tx, outcome, now)
+                if seq is not None:
+                    recorded += 1
+                    touched.add(seq)
+            self._settle(tx, touched, now)
+        return recorded
+
+    def _record_one(self, tx: sqlite3.Connection, outcome: Outcome, now: float) -> int | None:
+        """Write one outcome if the item has none yet; the job's seq if written."""
+        state, result, error = self._stored_outcome(outcome)
+        row = tx.execute(
+            "UPDATE items SET state = ?, result = ?, error = ?, finished_at = ?,"
+            " claimed_by = NULL, claimed_at = NULL"
+            " WHERE job_seq = (SELECT seq FROM jobs WHERE id = ?) AND idx = ?"
+            " AND state IN ('pending', 'claimed') RETURNING job_seq",
+            (state, result, error, now, outcome.ref.job_id, outcome.ref.index),
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def _stored_outcome(self, outcome: Outcome) -> tuple[str, str | None, str | None]:
+        """(state, result JSON, error) for an outcome, within the result size bound."""
+        if outcome.result is None:
+            return "error", None, _message(outcome.error or "failed")
+        try:
+            text = _json(dict(outcome.result), "result")
+        except InvalidJob:
+            log.error("item %s: result is not JSON-serialisable", outcome.ref)
+            return "error", None, "internal error: the result could not be stored"
+        if len(text.encode()) > self.config.max_result_bytes:
+            log.warning("item %s: result of %d bytes is over the bound", outcome.ref, len(text))
+            return "error", None, "the result is too large to store"
+        return "done", text, None
+
+    def complete(self, ref: ItemRef, result: Mapping[str, Any]) -> bool:
+        return self.record([Outcome(ref, result=result)]) == 1
+
+    def fail_item(self, ref: ItemRef, message: str) -> bool:
+        return self.record([Outcome(ref, error=message)]) == 1
+
+    def release_claims(self, worker_id: str | None = None) -> int:
+        now = self._clock()
+        with self._write() as tx:
+            if worker_id is None:
+                return self._release(tx, "1", (), now)
+            return self._release(tx, "claimed_by = ?", (worker_id,), now)
+
+    def release_stale(self, now: float | None = None) -> int:
+        now = self._clock() if now is None else now
+        with self._write() as tx:
+            return self._release(tx, "claimed_at < ?", (now - self.config.claim_timeout,), now)
+
+    def _release(
+        self, tx: sqlite3.Connection, where: str, params: tuple[Any, ...], now: float
+    ) -> int:
+        """Claimed items matching `where` go back to pending (skipped in an ended job; an error
+        once they have used up their attempts)."""
+        rows = tx.execute(
+            "SELECT items.job_seq, items.idx, items.attempts, jobs.state FROM items"
+            " JOIN jobs ON jobs.seq = items.job_seq"
+            f" WHERE items.state = 'claimed' AND {where}",
+            params,
+        ).fetchall()
+        for seq, idx, attempts, job_state in rows:
+            state, error = "pending", None
+            if job_state in ("cancelled", "failed"):
+                state = "skipped"
+            elif attempts >= self.config.max_attempts:
+                state, error = "error", _GAVE_UP.format(attempts=attempts)
+            tx.execute(
+                "UPDATE items SET state = ?, error = ?, claimed_by = NULL, claimed_at = NULL,"
+                " finished_at = CASE WHEN ? = 'pending' THEN NULL ELSE ? END"
+                " WHERE job_seq = ? AND idx = ?",
+                (state, error, state, now, seq, idx),
+            )
+        if rows:
+            log.info("released %d claimed job items", len(rows))
+            self._settle(tx, {row[0] for row in rows}, now)
+        return len(rows)
+
+    def _settle(self, tx: sqlite3.Connection, seqs: set[int], now: float) -> None:
+        """Mark each running job whose items all have an outcome done."""
+        for seq in seqs:
+            left = tx.execute(
+                "SELECT EXISTS (SELECT 1 FROM items WHERE job_seq = ?"
+                " AND state IN ('pending', 'claimed'))",
+                (seq,),
+            ).fetchone()[0]
+            if not left:
+                self._finish(tx, seq, "done", None, now, ("queued", "running"))
+
+    def _finish(
+        self,
+        tx: sqlite3.Connection,
+        seq: int,
+        state: str,
+        error: str | None,
+        now: float,
+        from_states: tuple[str, ...],
+    ) -> bool:
+        """Move a job to a final state; its retention starts now. False if it had ended."""
+        marks = ",".join("?" * len(from_states))
+        changed = tx.execute(
+            "UPDATE jobs SET state = ?, error = ?, finished_at = ?, expires_at = ?,"
+            " callback_state = CASE WHEN callback_url IS NULL THEN NULL ELSE 'pending' END"
+            f" WHERE seq = ? AND state IN ({marks}) RETURNING id",
+            (state, error, now, now + self.config.ttl_seconds, seq, *from_states),
+        ).fetchone()
+        if changed:
+            log.info("job %s %s", changed[0], state)
+        return changed is not None
+
+    # -- ending --------------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> JobView | None:
+        return self._end(job_id, "cancelled", None)
+
+    def fail_job(self, job_id: str, message: str) -> JobView | None:
+        return self._end(job_id, "failed", _message(message))
+
+    def _end(self, job_id: str, state: str, error: str | None) -> JobView | None:
+        """End an unfinished job; items not yet claimed are skipped, claimed ones may finish."""
+        now = self._clock()
+        with self._write() as tx:
+            found = tx.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if found is None:
+                return None
+            if self._finish(tx, found[0], state, error, now, ("queued", "running")):
+                tx.execute(
+                    "UPDATE items SET state = 'skipped', finished_at = ?"
+                    " WHERE job_seq = ? AND state = 'pending'",
+                    (now, found[0]),
+                )
+            return self._view(tx, job_id)
+
+    def expire(self, now: float | None = None) -> list[ExpiredJob]:
+        now = self._clock() if now is None else now
+        with self._read() as tx:
+            due = tx.execute(
+                "SELECT seq, id, spool_dir FROM jobs WHERE expires_at <= ? ORDER BY seq", (now,)
+            ).fetchall()
+        expired: list[ExpiredJob] = []
+        for seq, job_id, spool_dir in due:  # one job per transaction: short write locks
+            with self._write() as tx:
+                if tx.execute("DELETE FROM jobs WHERE seq = ?", (seq,)).rowcount:
+                    expired.append(ExpiredJob(job_id, spool_dir))
+        if expired:
+            log.info("expired %d jobs", len(expired))
+        return expired
+
+    # -- callbacks -----------------------------------------------------------------------------
+
+    def pending_callbacks(self, limit: int = 10) -> list[JobView]:
+        with self._read() as tx:
+            ids = tx.execute(
+                "SELECT id FROM jobs WHERE callback_state = 'pending' ORDER BY finished_at LIMIT ?",
+                (limit,),
+            ).fetchall()
+            views = [self._view(tx, job_id) for (job_id,) in ids]
+        return [view for view in views if view is not None]
+
+    def callback_done(self, job_id: str, delivered: bool, error: str | None = None) -> None:
+        state = "delivered" if delivered else "failed"
+        with self._write() as tx:
+            tx.execute(
+                "UPDATE jobs SET callback_state = ?, callback_error = ?"
+                " WHERE id = ? AND callback_state = 'pending'",
+                (state, _message(error) if error else None, job_id),
+            )
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobView | None:
+        with self._read() as tx:
+            return self._view(tx, job_id)
+
+    def _view(self, tx: sqlite3.Connection, job_id: str) -> JobView | None:
+        row = tx.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        seq, job_id, state, created, started, finished, expires, options, url, cb_state, err = row
+        by_state = dict(
+            tx.execute(
+                "SELECT state, COUNT(*) FROM items WHERE job_seq = ? GROUP BY state", (seq,)
+            ).fetchall()
+        )
+        counts = JobCounts(
+            total=sum(by_state.values()),
+            pending=by_state.get("pending", 0),
+            running=by_state.get("claimed", 0),
+            done=by_state.get("done", 0),
+            error=by_state.get("error", 0),
+            skipped=by_state.get("skipped", 0),
+        )
+        return JobView(
+            job_id, state, created, started, finished, expires, json.loads(options), url,
+            cb_state, err, counts,
+        )  # fmt: skip
+
+    def results(self, job_id: str, offset: int = 0, limit: int = 100) -> list[ItemResult] | None:
+        with self._read() as tx:
+            found = tx.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if found is None:
+                return None
+            return self._page(tx, found[0], max(0, offset), max(0, limit))
+
+    def iter_results(self, job_id: str, page_size: int = 500) -> Iterator[ItemResult]:
+        with self._read() as tx:
+            found = tx.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if found is None:
+            return
+        offset = 0
+        while True:
+            with self._read() as tx:  # one short read per page: writers are never held up
+                page = self._page(tx, found[0], offset, page_size)
+            yield from page
+            if len(page) < page_size:
+                return
+            offset += page_size
+
+    @staticmethod
+    def _page(tx: sqlite3.Connection, seq: int, offset: int, limit: int) -> list[ItemResult]:
+        rows = tx.execute(
+            "SELECT idx, source, state, result, error, attempts FROM items"
+            " WHERE job_seq = ? AND idx >= ? AND idx < ? ORDER BY idx",
+            (seq, offset, offset + limit),
+        ).fetchall()
+        return [
+            ItemResult(idx, source, state, json.loads(result) if result else None, error, attempts)
+            for idx, source, state, result, error, attempts in rows
+        ]
+
+    def stats(self) -> StoreStats:
+        with self._read() as tx:
+            unfinished = tx.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
+            ).fetchone()[0]
+            pending = tx.execute("SELECT COUNT(*) FROM items WHERE state = 'pending'").fetchone()
+            running = tx.execute("SELECT COUNT(*) FROM items WHERE state = 'claimed'").fetchone()
+            spool = tx.execute("SELECT COALESCE(SUM(spool_bytes), 0) FROM jobs").fetchone()
+        return StoreStats(unfinished, pending[0], running[0], spool[0])
+
+
+def _json(value: dict[str, Any], what: str) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        raise InvalidJob(f"{what} must be JSON") from None
+
+
+def _message(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
