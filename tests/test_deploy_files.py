@@ -544,7 +544,10 @@ def test_haproxy_sends_to_every_compose_replica_on_the_service_port() -> None:
         targets[host] = int(port)
     assert set(targets) == set(replicas), "every replica behind HAProxy, and nothing else"
     for name, svc in replicas.items():
-        assert targets[name] == int(_compose_env(svc).get("PORT", SERVICE_PORT)) == SERVICE_PORT
+        env = _compose_env(svc)
+        assert targets[name] == int(env.get("PORT", SERVICE_PORT)) == SERVICE_PORT
+        # HAProxy sends a replica no more requests at once than it has threads to serve.
+        assert haproxy_env["HAPROXY_REPLICA_MAXCONN"] == env["THREADS"], name
 
 
 def test_haproxy_checks_health_and_retries_elsewhere() -> None:
