@@ -19,6 +19,14 @@ JSON: {"stock_s", "fast_fp32_s", "fast_bf16_s", "speedup_fp32", "speedup_bf16",
 
 Usage: `python benchmarks/model_speed.py [--images N] [--threads N] [--seed N] [--profile]
 [--batch] [--omp-passive]`; on a busy shared CPU prefer `--threads 1` or `--omp-passive`.
+
+On a GPU: `python benchmarks/model_speed.py --device cuda` sweeps batch sizes 1, 8 and 32 by
+fp32, fp16 and bf16 (`--batches`, `--precisions`), with stock LAVIS (fp32) measured at each batch
+size in the same run, and prints images/s with the speedup over stock at the same batch size and
+over stock one image per call (the reference service's way); each precision starts again from
+the exact fp32 weights, an out-of-memory cell shows as OOM. `--sweep` runs the same on the CPU.
+The last line is JSON: {"device", "gpu", "rows": [{"path", "precision", "batch", "images_per_s",
+"speedup_same_batch", "speedup_vs_stock_batch1", "identical_to_stock"}, ...]}.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -116,21 +125,24 @@ class Runner:
     measures exactly what a request runs (preprocessing included on both sides).
     """
 
-    def __init__(self, model: Any, spec: Any, beams: int, length: int) -> None:
+    def __init__(self, model: Any, spec: Any, beams: int, length: int, device: str = "cpu") -> None:
         import blip2_model
 
         self.model = model
         self.spec = spec
         self.beams = beams
         self.length = length
-        self.captioner = blip2_model.Captioner(model, spec, precision="fp32", decode="fast")
+        self.device = device
+        self.captioner = blip2_model.Captioner(
+            model, spec, device=device, precision="fp32", decode="fast"
+        )
 
     def stock(self, images: list[Any], length: int | None = None) -> list[str]:
         """LAVIS's own BlipCaption.generate, as the reference service calls it."""
         import torch
 
         n = length or self.length
-        pixels = self.captioner.preprocess(images)
+        pixels = self.captioner.preprocess(images).to(self.device)
         with torch.no_grad():
             return self.model.generate(
                 {"image": pixels}, num_beams=self.beams, max_length=n, min_length=n
@@ -144,13 +156,26 @@ class Runner:
         opts = blip2_model.GenerationOptions(num_beams=self.beams, max_length=n, min_length=n)
         return [caps[0] for caps in self.captioner.caption(images, opts)]
 
-    def use_precision(self, precision: str) -> None:
-        """Rebuild the Captioner in `precision` (bf16 converts the weights in place: do it last)."""
+    def use_precision(self, precision: str, fp32_state: dict[str, Any] | None = None) -> None:
+        """Rebuild the Captioner in `precision`. Low precision converts the weights in place: pass
+        the fp32 state dict to start again from the exact fp32 weights, else do it last."""
+        import torch
+
         import blip2_model
 
+        if fp32_state is not None:
+            self.model.to(dtype=torch.float32)
+            self.model.load_state_dict(fp32_state)
         self.captioner = blip2_model.Captioner(
-            self.model, self.spec, precision=precision, decode="fast"
+            self.model, self.spec, device=self.device, precision=precision, decode="fast"
         )
+
+    def sync(self) -> None:
+        """Wait for queued GPU work, so the clock measures it."""
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
 
 
 def timed(fn: Callable[[Any], list[str]], batches: list[Any]) -> tuple[float, list[str]]:
@@ -260,12 +285,193 @@ def run_profile(runner: Runner, pixels: Any, bf16_ok: bool) -> None:
         print("\n".join("    " + line for line in table.splitlines()))
 
 
+# --------------------------------------------------------------------------- sweep (GPU)
+
+
+@dataclass
+class Cell:
+    """One measurement of the sweep: a path at a precision and batch size."""
+
+    path: str  # "stock" (LAVIS generate) or "ours" (Captioner.caption)
+    precision: str
+    batch: int
+    images_per_s: float | None  # None: out of memory
+    captions: list[str] = field(default_factory=list)
+
+
+def precision_problem(precision: str, device: str) -> str | None:
+    """Why `precision` cannot run on `device` (the sweep skips it), or None."""
+    import torch
+
+    import model_device
+
+    if precision != "bf16":
+        return None
+    if device.startswith("cuda"):
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 0):
+            return f"bf16 needs compute capability 8.0+, this GPU is {major}.{minor}"
+        return None
+    return None if model_device.cpu_supports_bf16() else "this CPU has no bf16 support"
+
+
+def measure(
+    fn: Callable[..., list[str]], runner: Runner, images: list[Any], batch: int
+) -> tuple[float | None, list[str]]:
+    """(images per second, captions) of `fn` over `images` in batches; (None, []) on OOM."""
+    import torch
+
+    chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
+    try:
+        fn(chunks[0], length=7)  # warm-up: kernel selection, allocator, lazy init
+        runner.sync()
+        start = time.perf_counter()
+        captions: list[str] = []
+        for chunk in chunks:
+            captions += fn(chunk)
+        runner.sync()
+    except torch.cuda.OutOfMemoryError:
+        if runner.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        return None, []
+    return len(images) / (time.perf_counter() - start), captions
+
+
+def sweep_cells(
+    runner: Runner, images: list[Any], batches: list[int], precisions: list[str]
+) -> list[Cell]:
+    """Stock fp32 at every batch size, then ours at every precision and batch size; each
+    precision starts again from the exact fp32 weights."""
+    fp32_state = {k: v.detach().to("cpu", copy=True) for k, v in runner.model.state_dict().items()}
+    cells = []
+    for batch in batches:
+        cells.append(Cell("stock", "fp32", batch, *measure(runner.stock, runner, images, batch)))
+    for precision in precisions:
+        problem = precision_problem(precision, runner.device)
+        if problem:
+            print(f"{precision}: skipped ({problem})")
+            continue
+        runner.use_precision(precision, fp32_state)
+        for batch in batches:
+            cells.append(
+                Cell("ours", precision, batch, *measure(runner.fast, runner, images, batch))
+            )
+    return cells
+
+
+def sweep_rows(cells: list[Cell]) -> list[dict[str, Any]]:
+    """Images/s with speedups over stock at the same batch and over stock one image per call."""
+    stock = {c.batch: c for c in cells if c.path == "stock"}
+    base = stock.get(1) or next(iter(stock.values()))
+    rows = []
+    for cell in cells:
+        ref = stock.get(cell.batch)
+        rate = cell.images_per_s
+        same = ref.images_per_s if ref else None
+        identical = (
+            sum(a == b for a, b in zip(cell.captions, ref.captions, strict=False))
+            if ref and ref.captions and cell.captions
+            else None
+        )
+        rows.append(
+            {
+                "path": cell.path,
+                "precision": cell.precision,
+                "batch": cell.batch,
+                "images_per_s": round(rate, 3) if rate else None,
+                "speedup_same_batch": round(rate / same, 2) if rate and same else None,
+                "speedup_vs_stock_batch1": (
+                    round(rate / base.images_per_s, 2) if rate and base.images_per_s else None
+                ),
+                "identical_to_stock": (
+                    f"{identical}/{len(cell.captions)}" if identical is not None else None
+                ),
+            }
+        )
+    return rows
+
+
+def print_sweep(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"\n{'path':6} {'precision':9} {'batch':>5} {'images/s':>9} {'vs stock':>9} "
+        f"{'vs stock b1':>11}  captions = stock"
+    )
+    for r in rows:
+        rate = f"{r['images_per_s']:9.2f}" if r["images_per_s"] else f"{'OOM':>9}"
+        same = f"{r['speedup_same_batch']:8.1f}x" if r["speedup_same_batch"] else f"{'-':>9}"
+        b1 = (
+            f"{r['speedup_vs_stock_batch1']:10.1f}x"
+            if r["speedup_vs_stock_batch1"]
+            else f"{'-':>11}"
+        )
+        print(
+            f"{r['path']:6} {r['precision']:9} {r['batch']:>5} {rate} {same} {b1}  "
+            f"{r['identical_to_stock'] or '-'}"
+        )
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """Batch sizes x precisions on one device, stock LAVIS measured in the same run."""
+    import torch
+
+    import fast_decode
+    import model_device
+
+    try:
+        plan = model_device.plan_device(args.device, "fp32", report=False)
+    except model_device.DeviceError as exc:
+        print(f"cannot run on {args.device}: {exc}", file=sys.stderr)
+        return 1
+    device = plan.device
+    gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else None
+    print(f"Device: {device}" + (f" ({gpu})" if gpu else "") + f"; {plan.reason}")
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    count = args.images or 2 * max(batches)
+    with tempfile.TemporaryDirectory(prefix="model_speed-") as tmp:
+        model, spec = build(args.seed, Path(tmp))
+    images = make_images(count, args.seed)
+    print(
+        f"Work: {count} images ({spec.image_size}px), {args.beams} beams, {args.length} tokens, "
+        f"batches {batches}, precisions {precisions}"
+    )
+    runner = Runner(model, spec, args.beams, args.length, device=device)
+    rows = sweep_rows(sweep_cells(runner, images, batches, precisions))
+    fast_decode.restore_model(model)
+    print_sweep(rows)
+    print(
+        "(fp32 captions equal stock's on the CPU; on a GPU, kernels chosen per batch shape may "
+        "round differently, and random weights make near-ties, so fp32 may differ there too)"
+    )
+    summary = {
+        "device": device,
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "images": count,
+        "beams": args.beams,
+        "length": args.length,
+        "rows": rows,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=2, help="generated images (default 2)")
+    parser.add_argument(
+        "--images", type=int, help="generated images (default 2; with --sweep 2 x largest batch)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="batch sizes x precisions, stock in the same run, images/s (implied by a CUDA device)",
+    )
+    parser.add_argument("--batches", default="1,8,32", help="batch sizes of the sweep")
+    parser.add_argument("--precisions", default="fp32,fp16,bf16", help="precisions of the sweep")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="weights and images seed")
     parser.add_argument("--beams", type=int, default=3)
@@ -306,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
             "descheduled thread, which hits the fast path hardest. Consider --threads 1 or "
             "--omp-passive."
         )
+    if args.sweep or args.device != "cpu":
+        return run_sweep(args)
+    args.images = args.images or 2
     bf16_ok = model_device.cpu_supports_bf16()
 
     with tempfile.TemporaryDirectory(prefix="model_speed-") as tmp:
