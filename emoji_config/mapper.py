@@ -51,6 +51,14 @@ def caption_words(caption: str) -> list[str]:
     return words
 
 
+def plural_stem(token: str) -> str | None:
+    """The singular the plural rule tries for `token`: without its final ``s`` when longer than
+    3 characters (CONTRACT.md step 4), else None."""
+    if len(token) > 3 and token.endswith("s"):
+        return token[:-1]
+    return None
+
+
 class EmojiMapper:
     """An immutable caption mapper built from one config (table + phrase list).
 
@@ -76,20 +84,26 @@ class EmojiMapper:
             return []
         return self._tokenizer.tokenize(caption_words(caption))
 
+    def lookup(self, token: str) -> str | None:
+        """Override table, then the table, without the plural rule; None for an unknown word.
+
+        A known word with no emoji gives ``""``.
+        """
+        if token in PRIORITY_OVERRIDES:
+            return PRIORITY_OVERRIDES[token]
+        return self._table.get(token)
+
     def emoji_for(self, token: str) -> str | None:
         """Override table, then the table, then the plural rule (CONTRACT.md step 4).
 
         A table value of ``""`` is returned as is: it means "no emoji" and blocks the plural
         fallback.
         """
-        if token in PRIORITY_OVERRIDES:
-            return PRIORITY_OVERRIDES[token]
-        table = self._table
-        if token in table:
-            return table[token]
-        if len(token) > 3 and token.endswith("s"):
-            return table.get(token[:-1])
-        return None
+        known = self.lookup(token)
+        if known is not None:
+            return known
+        stem = plural_stem(token)
+        return None if stem is None else self._table.get(stem)
 
     def map(self, caption: str) -> list[dict[str, str]]:
         """``[{"emoji": …, "word": …}, …]`` for the first occurrence of each mapped token."""
