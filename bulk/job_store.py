@@ -41,7 +41,9 @@ from bulk.jobs import (
     NewItem,
     Outcome,
     SpoolQuotaExceeded,
+    StoreFull,
     StoreStats,
+    StoreUnavailable,
     TooManyItems,
     TooManyJobs,
 )
@@ -146,13 +148,18 @@ class SqliteJobStore:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, taken at once (IMMEDIATE) so it never deadlocks on upgrade."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            conn = self._conn
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):  # locked too long, disk full, I/O
+                    log.error("job store %s: %s", self.path, exc)
+                    raise StoreUnavailable("the job store is unavailable; try again later") from exc
                 raise
-            self._conn.execute("COMMIT")
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -184,7 +191,7 @@ class SqliteJobStore:
         job_id = secrets.token_urlsafe(16)
         now = self._clock()
         with self._write() as tx:
-            self._check_room(tx, spool_bytes)
+            self._check_room(tx, len(items), spool_bytes)
             seq = tx.execute(
                 "INSERT INTO jobs (id, state, created_at, expires_at, options, callback_url,"
                 " total, spool_dir, spool_bytes) VALUES (:id, 'queued', :now, :expires,"
@@ -221,8 +228,8 @@ class SqliteJobStore:
         if callback_url is not None and len(callback_url) > MAX_REF_CHARS:
             raise InvalidJob("callback_url is too long")
 
-    def _check_room(self, tx: sqlite3.Connection, spool_bytes: int) -> None:
-        """The concurrent-job bound and the spool quota, inside the creating transaction."""
+    def _check_room(self, tx: sqlite3.Connection, new_items: int, spool_bytes: int) -> None:
+        """The concurrent-job, stored-item and spool bounds, inside the creating transaction."""
         unfinished = tx.execute(
             "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
         ).fetchone()[0]
@@ -231,6 +238,9 @@ class SqliteJobStore:
                 f"{unfinished} jobs are already queued or running (at most "
                 f"{self.config.max_unfinished_jobs}); try again when one has finished"
             )
+        stored = tx.execute("SELECT COALESCE(SUM(total), 0) FROM jobs").fetchone()[0]
+        if stored + new_items > self.config.max_stored_items:
+            raise StoreFull("the job store is full; try again when older jobs have expired")
         quota = self.config.max_spool_bytes
         if quota is not None and spool_bytes > 0:
             used = tx.execute("SELECT COALESCE(SUM(spool_bytes), 0) FROM jobs").fetchone()[0]

@@ -62,6 +62,14 @@ class SpoolQuotaExceeded(JobStoreError):
     """The job's spooled uploads would exceed the disk quota (HTTP 507)."""
 
 
+class StoreFull(JobStoreError):
+    """The store holds as many items as it may, counting kept finished jobs (HTTP 507)."""
+
+
+class StoreUnavailable(JobStoreError):
+    """The store cannot be written now (locked too long, disk full, I/O error) (HTTP 503)."""
+
+
 @dataclass(frozen=True)
 class JobStoreConfig:
     """Bounds and timings shared by every store implementation."""
@@ -71,6 +79,7 @@ class JobStoreConfig:
     max_attempts: int = 3  # claims of one item before it is given up as an error
     max_unfinished_jobs: int = 16  # queued + running jobs at once
     max_items_per_job: int = 10_000
+    max_stored_items: int = 1_000_000  # items of all kept jobs, finished ones included
     max_spool_bytes: int | None = None  # declared spool bytes of all kept jobs; None = no quota
     max_result_bytes: int = 64 * 1024  # one item's result, as JSON
 

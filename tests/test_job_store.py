@@ -33,6 +33,8 @@ from bulk.jobs import (
     NewItem,
     Outcome,
     SpoolQuotaExceeded,
+    StoreFull,
+    StoreUnavailable,
     TooManyItems,
     TooManyJobs,
 )
@@ -501,6 +503,36 @@ def test_limits_give_clear_errors(db: Path) -> None:
     store.cancel(first)
     store.create_job(items(1), {})  # room again once one has ended
     assert isinstance(TooManyJobs("x"), JobStoreError) and TooManyJobs("m").message == "m"
+    store.close()
+
+
+def test_kept_items_are_bounded_finished_jobs_included(db: Path) -> None:
+    clock = Clock()
+    store = SqliteJobStore(db, JobStoreConfig(max_stored_items=10, ttl_seconds=60), clock=clock)
+    store.create_job(items(6), {})
+    run_all(store)
+    with pytest.raises(StoreFull, match="full"):
+        store.create_job(items(5), {})
+    clock.now += 30
+    store.create_job(items(4), {})
+    clock.now += 31
+    assert len(store.expire()) == 1  # the finished job's retention is over
+    store.create_job(items(5), {})
+    store.close()
+
+
+def test_a_database_locked_too_long_is_a_clear_error_and_the_store_recovers(db: Path) -> None:
+    store = SqliteJobStore(db, busy_timeout=0.2)
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="try again later"):
+        store.create_job(items(1), {})
+    assert time.monotonic() - started < 2
+    other.execute("COMMIT")
+    other.close()
+    job_id = store.create_job(items(1), {})  # not left inside a broken transaction
+    assert store.get(job_id).state == "queued"
     store.close()
 
 
