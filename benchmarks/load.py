@@ -1,6 +1,8 @@
 """Drive the HTTP service with N concurrent clients; compare with a reference-style server.
 
     python benchmarks/load.py [--model tiny|large-random] [--clients 8] [--duration 60]
+    python benchmarks/load.py --model large-random --device cuda --precision fp16   # GPU host
+    python benchmarks/load.py --url http://127.0.0.1:7777      # a server already running here
 
 Both servers run as subprocesses on 127.0.0.1 with the same weights and the same images, one after
 the other: ours (`REST.py`: one inference worker, dynamic batching, fast decoding; result cache off
@@ -8,6 +10,12 @@ so every request really runs the model) and `benchmarks/reference_server.py` (Fl
 server, stock LAVIS generate per request, no lock). Clients post like the orchestrator (multipart
 `file`, `image.jpg`, `image/jpeg`) in a closed loop for a bounded time. A last phase measures a
 result-cache hit on our server. The last line printed is JSON.
+
+`--device cuda` runs both servers on the GPU (DEVICE for ours, `--device` for the reference-style
+one); the device each server reports in /health is printed, so a silent CPU fallback shows.
+`--url` drives a server that is already running on this machine (e.g. the Docker image started
+with `--gpus all -p 7777:7777 -e CACHE_SIZE=0`; keep its result cache off so every request runs
+the model); only loopback URLs are accepted.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,11 +106,12 @@ def prepare_large_random(workdir: Path, seed: int) -> Path:
     return model_dir
 
 
-def wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
+def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path | None = None) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
+            tail = log.read_text(errors="replace")[-2000:] if log and log.is_file() else ""
+            raise RuntimeError(f"server exited with {proc.returncode}; its log ends:\n{tail}")
         try:
             if requests.get(base + "/health", timeout=2).status_code == 200:
                 return
@@ -109,6 +119,61 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
             pass
         time.sleep(0.5)
     raise RuntimeError("server did not become ready")
+
+
+def loopback_url(url: str) -> str:
+    """`url` without a trailing slash; refuse anything but this machine (load stays local)."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or parsed.hostname not in (
+        "127.0.0.1",
+        "localhost",
+        "::1",
+    ):
+        raise SystemExit(f"--url must be http(s) on 127.0.0.1/localhost/::1, got {url!r}")
+    return url.rstrip("/")
+
+
+def server_device(base: str) -> tuple[str, list[str]]:
+    """The device a server says it runs on in /health, and its warnings."""
+    try:
+        body = requests.get(base + "/health", timeout=10).json()
+    except (requests.RequestException, ValueError):
+        return "unknown", []
+    return str(body.get("device", "unknown")), [str(w) for w in body.get("warnings", [])]
+
+
+def report_device(name: str, base: str, wanted: str | None) -> str:
+    device, warnings = server_device(base)
+    print(
+        f"{name} server reports device {device}" + (f"; warnings: {warnings}" if warnings else "")
+    )
+    if wanted and wanted.startswith("cuda") and not device.startswith("cuda"):
+        print(f"warning: {name} server asked for {wanted} but reports {device}")
+    return device
+
+
+def drive_existing(args: argparse.Namespace, images: list[bytes]) -> int:
+    """Load a server that is already running on this machine; no baseline, no cache phase."""
+    base = loopback_url(args.url)
+    device = report_device("target", base, args.device)
+    drive("warm-up", base, images[:2], 2, 0.1, 600.0)
+    run = drive("target", base, images, args.clients, args.duration, 600.0)
+    print(f"{'server':<10}{'ok':>6}{'req/s':>10}{'p50 s':>10}{'p95 s':>10}  errors")
+    print(
+        f"{run.name:<10}{run.ok:>6}{run.throughput:>10.3f}{run.pct(0.5):>10.3f}"
+        f"{run.pct(0.95):>10.3f}  {run.errors or '-'}"
+    )
+    summary = {
+        "url": base,
+        "device": device,
+        "clients": args.clients,
+        "rps": round(run.throughput, 4),
+        "p50_s": round(run.pct(0.5), 4),
+        "p95_s": round(run.pct(0.95), 4),
+        "errors": sum(run.errors.values()),
+    }
+    print(json.dumps(summary))
+    return 0
 
 
 def post(base: str, data: bytes, timeout: float) -> requests.Response:
@@ -170,10 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--device", help="DEVICE for both servers, e.g. cuda (default: auto)")
+    parser.add_argument("--url", help="drive this already running loopback server instead")
     args = parser.parse_args(argv)
 
-    workdir = Path(tempfile.mkdtemp(prefix="blip2-load-"))
     images = make_images(args.images, args.seed)
+    if args.url:
+        return drive_existing(args, images)
+    workdir = Path(tempfile.mkdtemp(prefix="blip2-load-"))
     if args.model == "tiny":
         model_env = {"MODEL_CONFIG": str(TINY_YAML)}
         baseline_model = ["--model-config", str(TINY_YAML)]
@@ -199,10 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         "REQUEST_TIMEOUT": str(timeout),
         "LOG_LEVEL": "WARNING",
     }
+    if args.device:
+        ours_env["DEVICE"] = args.device
     ours_base = f"http://127.0.0.1:{ours_port}"
     proc = start([sys.executable, "REST.py"], ours_env, workdir / "ours.log")
     try:
-        wait_ready(ours_base, proc)
+        wait_ready(ours_base, proc, workdir / "ours.log")
+        ours_device = report_device("ours", ours_base, args.device)
         drive("warm-up", ours_base, images[:2], 2, 0.1, timeout)
         results["ours"] = drive("ours", ours_base, images, args.clients, args.duration, timeout)
     finally:
@@ -212,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     cache_env = {**ours_env, "CACHE_SIZE": "1024"}
     proc = start([sys.executable, "REST.py"], cache_env, workdir / "ours-cache.log")
     try:
-        wait_ready(ours_base, proc)
+        wait_ready(ours_base, proc, workdir / "ours-cache.log")
         post(ours_base, images[0], timeout)  # fills the cache
         hits = drive("cache-hit", ours_base, images[:1], 1, 5.0, timeout)
     finally:
@@ -226,11 +298,12 @@ def main(argv: list[str] | None = None) -> int:
             "--port",
             str(port),
             *baseline_model,
+            *(["--device", args.device] if args.device else []),
         ]
         proc = start(cmd, env, workdir / "baseline.log")
         base = f"http://127.0.0.1:{port}"
         try:
-            wait_ready(base, proc)
+            wait_ready(base, proc, workdir / "baseline.log")
             drive("warm-up", base, images[:2], 2, 0.1, timeout)
             results["baseline"] = drive(
                 "baseline", base, images, args.clients, args.duration, timeout
@@ -246,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"model: {args.model}, clients: {args.clients}, duration: {args.duration:g}s per server, "
-        f"precision (ours): {args.precision}, images: {args.images}"
+        f"precision (ours): {args.precision}, images: {args.images}, device (ours): {ours_device}"
     )
     print(f"{'server':<10}{'ok':>6}{'req/s':>10}{'p50 s':>10}{'p95 s':>10}  errors")
     for run in results.values():
@@ -261,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "clients": args.clients,
         "precision": args.precision,
+        "device": ours_device,
         "ours_rps": round(ours.throughput, 4),
         "ours_p50_s": round(ours.pct(0.5), 4),
         "ours_p95_s": round(ours.pct(0.95), 4),
