@@ -195,7 +195,7 @@ def _check_end_record(file: BinaryIO, limits: ArchiveLimits) -> None:
     zipfile's own function, so both agree on which record counts.
     """
     try:
-        record = zipfile._EndRecData(file)  # type: ignore[attr-defined]  # noqa: SLF001
+        record = zipfile._EndRecData(file)  # private, unchanged since Python 2.6
     except Exception as exc:  # malformed input makes the parser raise many types
         log.debug("zip end record unreadable: %r", exc)
         record = None

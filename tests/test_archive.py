@@ -208,6 +208,14 @@ def test_an_entry_over_the_per_entry_limit_is_an_item_error() -> None:
     assert items[1].data == small
 
 
+def test_an_unreadable_compression_method_is_an_item_error() -> None:
+    png = image_bytes()
+    crc = zlib.crc32(png)
+    data = raw_zip([Raw("d64.png", png, 9, crc, len(png)), Raw("ok.png", png, 0, crc, len(png))])
+    items = read_zip(data, LIMITS)  # 9 is Deflate64, which zipfile cannot read
+    assert items[0].error == "unsupported compression method" and items[1].data == png
+
+
 def test_a_small_very_compressible_image_is_not_taken_for_a_bomb() -> None:
     bmp = image_bytes("BMP", "white", size=400)  # 480 kB of one colour: deflates ~500 times
     data = make_zip([("white.bmp", bmp)])
