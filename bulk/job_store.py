@@ -27,6 +27,7 @@ from typing import Any
 
 from bulk.jobs import (
     MAX_MESSAGE_CHARS,
+    MAX_PAGE,
     MAX_REF_CHARS,
     MAX_SOURCE_CHARS,
     ClaimedItem,
@@ -499,13 +500,14 @@ class SqliteJobStore:
             found = tx.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if found is None:
                 return None
-            return self._page(tx, found[0], max(0, offset), max(0, limit))
+            return self._page(tx, found[0], max(0, offset), min(max(0, limit), MAX_PAGE))
 
     def iter_results(self, job_id: str, page_size: int = 500) -> Iterator[ItemResult]:
         with self._read() as tx:
             found = tx.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if found is None:
             return
+        page_size = min(max(1, page_size), MAX_PAGE)
         offset = 0
         while True:
             with self._read() as tx:  # one short read per page: writers are never held up

@@ -36,6 +36,7 @@ ITEM_STATUS: Mapping[str, str] = {
 MAX_SOURCE_CHARS = 2048
 MAX_REF_CHARS = 4096
 MAX_MESSAGE_CHARS = 1000
+MAX_PAGE = 1000  # results per page, at most
 
 
 class JobStoreError(Exception):
@@ -202,7 +203,8 @@ class ItemResult:
             "status": ITEM_STATUS[self.state],
         }
         if self.result is not None:
-            line.update(self.result)
+            for key, value in self.result.items():
+                line.setdefault(key, value)  # the item's own fields cannot be overwritten
         if self.error is not None:
             line["error"] = self.error
         return line
@@ -289,7 +291,8 @@ class JobStore(Protocol):
     def get(self, job_id: str) -> JobView | None: ...
 
     def results(self, job_id: str, offset: int = 0, limit: int = 100) -> list[ItemResult] | None:
-        """Items ``offset`` .. ``offset + limit - 1`` in item order; None if no such job."""
+        """Items ``offset`` .. ``offset + limit - 1`` in item order (`limit` at most
+        :data:`MAX_PAGE`); None if no such job."""
         ...
 
     def iter_results(self, job_id: str, page_size: int = 500) -> Iterator[ItemResult]:

@@ -132,6 +132,7 @@ def test_results_in_item_order_with_status_and_paging(store: SqliteJobStore) -> 
     ]  # fmt: skip
     assert [r.index for r in store.results(job_id, 0, 100)] == list(range(7))
     assert store.results(job_id, 7, 10) == [] and store.results(job_id, -5, 2)[0].index == 0
+    assert store.results(job_id, 0, 0) == []
     assert store.results("no-such-job") is None and store.get("no-such-job") is None
 
 
@@ -141,6 +142,12 @@ def test_iter_results_reads_page_by_page_in_order(store: SqliteJobStore) -> None
     seen = [r.index for r in store.iter_results(job_id, page_size=100)]
     assert seen == list(range(1234))
     assert list(store.iter_results("no-such-job")) == []
+
+
+def test_pages_are_bounded(store: SqliteJobStore) -> None:
+    job_id = store.create_job(items(2500), {})
+    assert len(store.results(job_id, 0, 10**9)) == 1000
+    assert sum(1 for _ in store.iter_results(job_id, page_size=10**9)) == 2500
 
 
 def test_iter_results_does_not_block_writers_between_pages(store: SqliteJobStore) -> None:
@@ -602,6 +609,13 @@ def test_stats(store: SqliteJobStore) -> None:
     stats = store.stats()
     assert (stats.unfinished_jobs, stats.pending_items, stats.running_items) == (1, 3, 1)
     assert stats.spool_bytes == 123
+
+
+def test_a_result_cannot_overwrite_the_item_s_own_fields(store: SqliteJobStore) -> None:
+    job_id = store.create_job(items(1), {})
+    store.complete(ItemRef(job_id, 0), {"index": 99, "status": "forged", "predictions": []})
+    line = store.results(job_id)[0].to_dict()
+    assert line == {"index": 0, "source": "img0.png", "status": "success", "predictions": []}
 
 
 def test_item_result_lines_are_json(store: SqliteJobStore) -> None:
