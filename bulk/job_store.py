@@ -119,11 +119,18 @@ class SqliteJobStore:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(
-            self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-        )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(
+                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise JobStoreError(f"cannot open the job store {self.path}: {exc}") from exc
         try:
             self._prepare(synchronous.upper(), busy_timeout)
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise JobStoreError(f"cannot open the job store {self.path}: {exc}") from exc
         except BaseException:
             self._conn.close()
             raise

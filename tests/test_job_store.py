@@ -603,6 +603,18 @@ def test_a_newer_schema_is_refused(db: Path) -> None:
         SqliteJobStore(db)
 
 
+def test_a_file_that_is_not_a_database_is_a_clear_error(db: Path) -> None:
+    db.write_bytes(b"this is not a database, just some text that fills a page. " * 100)
+    with pytest.raises(JobStoreError, match="cannot open the job store"):
+        SqliteJobStore(db)
+
+
+def test_missing_folders_are_created(tmp_path: Path) -> None:
+    store = SqliteJobStore(tmp_path / "a" / "b" / "jobs.db")
+    assert store.create_job(items(1), {})
+    store.close()
+
+
 def test_stats(store: SqliteJobStore) -> None:
     store.create_job(items(4), {}, spool_bytes=123)
     store.claim("w", 1)
