@@ -201,62 +201,104 @@ def _evidence(environ: Mapping[str, str], nodes: tuple[str, ...], kernel: str | 
     return evidence
 
 
-def _problems(
-    *,
-    environ: Mapping[str, str],
-    torch_cuda: str | None,
-    torch_version: str,
-    kernel: str | None,
-    library: tuple[str | None, str | None],
-    nodes: tuple[str, ...],
-) -> list[str]:
-    """Every reason found why CUDA cannot start, most basic first."""
-    problems: list[str] = []
-    wsl = "/dev/dxg" in nodes
-    lib_path, lib_version = library
-    if torch_cuda is None:
-        problems.append(
-            f"torch {torch_version} is a CPU-only build (torch.version.cuda is None); install the "
-            "locked CUDA build (uv sync --frozen)"
-        )
-    cuda_visible = environ.get("CUDA_VISIBLE_DEVICES")
-    if cuda_visible is not None and cuda_visible.strip() in ("", "-1"):
-        problems.append(f"CUDA_VISIBLE_DEVICES={cuda_visible!r} hides every GPU from CUDA")
-    if kernel is None and not wsl:
-        problems.append(
-            "the NVIDIA kernel driver is not loaded (no /proc/driver/nvidia/version or "
-            "/sys/module/nvidia/version): install the NVIDIA driver on the host"
-            + _needs(torch_cuda)
-        )
-    need = required_driver(torch_cuda)
-    found = kernel or lib_version
-    if need and found and version_tuple(found) < need:
-        problems.append(
-            f"NVIDIA driver {found} is too old for torch {torch_version} (CUDA {torch_cuda} needs "
-            f"driver {'.'.join(map(str, need))} or newer): upgrade the host driver"
-        )
-    if kernel and lib_version and version_tuple(kernel) != version_tuple(lib_version):
-        problems.append(
-            f"the NVIDIA kernel module ({kernel}) and the driver library libcuda.so.{lib_version} "
-            "differ (driver upgraded without a reboot, or a container holding another driver's "
-            "libraries): reboot or reload the nvidia modules"
-        )
-    if not wsl and not any(re.fullmatch(r"/dev/nvidia\d+", n) for n in nodes):
-        problems.append(
+@dataclass(frozen=True)
+class _Traces:
+    """What one diagnosis read, handed to each check below."""
+
+    environ: Mapping[str, str]
+    torch_cuda: str | None
+    torch_version: str
+    kernel: str | None
+    lib_path: str | None
+    lib_version: str | None
+    nodes: tuple[str, ...]
+
+    @property
+    def wsl(self) -> bool:
+        return "/dev/dxg" in self.nodes
+
+
+def _check_build(t: _Traces) -> str | None:
+    if t.torch_cuda is not None:
+        return None
+    return (
+        f"torch {t.torch_version} is a CPU-only build (torch.version.cuda is None); install the "
+        "locked CUDA build (uv sync --frozen)"
+    )
+
+
+def _check_hidden(t: _Traces) -> str | None:
+    value = t.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None or value.strip() not in ("", "-1"):
+        return None
+    return f"CUDA_VISIBLE_DEVICES={value!r} hides every GPU from CUDA"
+
+
+def _check_loaded(t: _Traces) -> str | None:
+    if t.kernel is not None or t.wsl:
+        return None
+    return (
+        "the NVIDIA kernel driver is not loaded (no /proc/driver/nvidia/version or "
+        "/sys/module/nvidia/version): install the NVIDIA driver on the host" + _needs(t.torch_cuda)
+    )
+
+
+def _check_age(t: _Traces) -> str | None:
+    need = required_driver(t.torch_cuda)
+    found = t.kernel or t.lib_version
+    if not (need and found) or version_tuple(found) >= need:
+        return None
+    return (
+        f"NVIDIA driver {found} is too old for torch {t.torch_version} (CUDA {t.torch_cuda} needs "
+        f"driver {'.'.join(map(str, need))} or newer): upgrade the host driver"
+    )
+
+
+def _check_mismatch(t: _Traces) -> str | None:
+    if not (t.kernel and t.lib_version) or version_tuple(t.kernel) == version_tuple(t.lib_version):
+        return None
+    return (
+        f"the NVIDIA kernel module ({t.kernel}) and the driver library libcuda.so.{t.lib_version} "
+        "differ (driver upgraded without a reboot, or a container holding another driver's "
+        "libraries): reboot or reload the nvidia modules"
+    )
+
+
+def _check_nodes(t: _Traces) -> str | None:
+    if t.wsl:
+        return None
+    if not any(re.fullmatch(r"/dev/nvidia\d+", n) for n in t.nodes):
+        return (
             "no GPU device nodes (/dev/nvidia0, ...): in Docker start the container with "
             "--gpus all (NVIDIA Container Toolkit); on a host, load the driver (nvidia-modprobe)"
         )
-    elif not wsl and "/dev/nvidia-uvm" not in nodes:
-        problems.append(
+    if "/dev/nvidia-uvm" not in t.nodes:
+        return (
             "/dev/nvidia-uvm is missing: the nvidia_uvm kernel module is not loaded "
             "(sudo modprobe nvidia-uvm); CUDA cannot start without it"
         )
-    if lib_path is None:
-        problems.append(
-            "the driver library libcuda.so.1 is not installed or mounted: in Docker use --gpus all "
-            "with NVIDIA_DRIVER_CAPABILITIES including compute; on a host, reinstall the driver"
-        )
-    return problems
+    return None
+
+
+def _check_library(t: _Traces) -> str | None:
+    if t.lib_path is not None:
+        return None
+    return (
+        "the driver library libcuda.so.1 is not installed or mounted: in Docker use --gpus all "
+        "with NVIDIA_DRIVER_CAPABILITIES including compute; on a host, reinstall the driver"
+    )
+
+
+# Most basic first: the first problem found is the one named as the cause.
+_CHECKS = (
+    _check_build,
+    _check_hidden,
+    _check_loaded,
+    _check_age,
+    _check_mismatch,
+    _check_nodes,
+    _check_library,
+)
 
 
 def _needs(torch_cuda: str | None) -> str:
@@ -280,16 +322,17 @@ def diagnose_gpu(
     lib_path, lib_version = find_libcuda(root, environ)
     nodes = device_nodes(root)
     evidence = _evidence(environ, nodes, kernel)
-    problems: list[str] = []
-    if evidence:
-        problems = _problems(
-            environ=environ,
-            torch_cuda=torch_cuda,
-            torch_version=torch_version or "(unknown version)",
-            kernel=kernel,
-            library=(lib_path, lib_version),
-            nodes=nodes,
-        )
+    traces = _Traces(
+        environ,
+        torch_cuda,
+        torch_version or "(unknown version)",
+        kernel,
+        lib_path,
+        lib_version,
+        nodes,
+    )
+    found = [check(traces) for check in _CHECKS] if evidence else []
+    problems = [p for p in found if p]
     need = required_driver(torch_cuda)
     return GpuDiagnosis(
         visible=bool(evidence),
@@ -535,10 +578,11 @@ def plan_device(
 
     env = os.environ if environ is None else environ
     requested = normalise_device(requested_device)
+    # torch first: its CUDA init may create missing nodes (nvidia-modprobe) the diagnosis reads.
+    state = cuda_state(torch) if requested != "cpu" else CudaState(False, 0, None)
     diag = diagnose_gpu(
         root=root, environ=env, torch_cuda=torch.version.cuda, torch_version=torch.__version__
     )
-    state = cuda_state(torch) if requested != "cpu" else CudaState(False, 0, None)
     device, reason, warns = choose_device(requested, diag, state, torch)
     try:
         precision, why = choose_precision(requested_precision, device, torch)
@@ -563,13 +607,14 @@ def cuda_problem(*, root: Path = Path("/"), environ: Mapping[str, str] | None = 
     """None when CUDA device 0 can run this torch build, else why not (GPU test skip reasons)."""
     import torch
 
+    state = cuda_state(torch)
     diag = diagnose_gpu(
         root=root,
         environ=os.environ if environ is None else environ,
         torch_cuda=torch.version.cuda,
         torch_version=torch.__version__,
     )
-    device, why = _choose_cuda("cuda", diag, cuda_state(torch), torch)
+    device, why = _choose_cuda("cuda", diag, state, torch)
     return None if device else why
 
 
