@@ -20,6 +20,7 @@ from flask import Flask
 import http_api
 from captioning.runtime import Runtime
 from http_api.envelope import SERVICE
+from log_format import setup_logging
 from settings import Settings, SettingsError
 
 log = logging.getLogger("blip2")
@@ -75,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(settings.log_level, settings.log_format)
     runtime = Runtime(settings)
     app = create_app(runtime)
     signal.signal(signal.SIGTERM, signal.default_int_handler)

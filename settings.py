@@ -84,6 +84,7 @@ class Settings:
     private: bool = False
     threads: int = 8
     log_level: str = "INFO"
+    log_format: str = "plain"
     cors_origins: str = "*"
     # Input limits
     max_file_size: int = 32 * 1024 * 1024
@@ -174,6 +175,7 @@ class Settings:
         put("PRIVATE", "private", _parse_bool)
         put("THREADS", "threads", lambda n, r: _parse_int(n, r, 1, 256))
         put("LOG_LEVEL", "log_level", lambda n, r: r.strip().upper())
+        put("LOG_FORMAT", "log_format", _parse_log_format)
         put("CORS_ORIGINS", "cors_origins", lambda n, r: r.strip())
         put("MAX_FILE_SIZE", "max_file_size", lambda n, r: _parse_int(n, r, 1))
         put("MAX_IMAGE_PIXELS", "max_image_pixels", lambda n, r: _parse_int(n, r, 1))
@@ -212,6 +214,13 @@ def _parse_decode(name: str, raw: str) -> str:
     value = raw.strip().lower()
     if value not in ("fast", "stock"):
         raise SettingsError(f"{name} must be fast or stock, got {raw!r}")
+    return value
+
+
+def _parse_log_format(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("plain", "json"):
+        raise SettingsError(f"{name} must be plain or json, got {raw!r}")
     return value
 
 

@@ -6,7 +6,9 @@ their own deadline. Requests whose generation options are equal are merged into 
 `max_batch_size`, waiting at most `batch_wait_ms` after the first one arrives (the caller says
 which requests may share a batch by giving them the same `group`). The worker knows
 nothing about the model: it calls `run_batch(images, options)` (Hugging Face TGI keeps its router
-apart from the model in the same way).
+apart from the model in the same way). Nor does it know about metrics: optional observer hooks
+hear how long each job waited in the queue (`on_dequeue`) and the size and model time of each
+batch that ran (`on_batch`); a failing hook is logged and never stops the worker.
 """
 
 from __future__ import annotations
@@ -46,12 +48,23 @@ class _Job(Generic[Item, Result]):
     options: Any
     deadline: float
     future: Future[Result] = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
 
 
 def _fail(future: Future[Any], exc: BaseException) -> None:
     """Fail a future unless its caller already gave up on it (cancelled after its deadline)."""
     with contextlib.suppress(InvalidStateError):
         future.set_exception(exc)
+
+
+def _notify(hook: Callable[..., None] | None, *args: float) -> None:
+    """Call an observer hook; its failure is logged, never raised into the worker."""
+    if hook is None:
+        return
+    try:
+        hook(*args)
+    except Exception:
+        log.exception("batcher observer hook failed")
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -70,8 +83,14 @@ class Batcher(Generic[Item, Result]):
         batch_wait_ms: int = 10,
         max_queue: int = 64,
         name: str = "inference-worker",
+        on_batch: Callable[[int, float], None] | None = None,
+        on_dequeue: Callable[[float], None] | None = None,
     ) -> None:
+        """`on_batch(size, seconds)`: after each successful model call; `on_dequeue(seconds)`:
+        once per job, with the time it waited from `submit` until its batch started."""
         self._run_batch = run_batch
+        self._on_batch = on_batch
+        self._on_dequeue = on_dequeue
         self.max_batch_size = max(1, max_batch_size)
         self.batch_wait = max(0, batch_wait_ms) / 1000.0
         self.max_queue = max(1, max_queue)
@@ -190,6 +209,9 @@ class Batcher(Generic[Item, Result]):
             if batch is None:
                 return
             live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            started = time.monotonic()
+            for job in live:
+                _notify(self._on_dequeue, started - job.enqueued)
             try:
                 if live:
                     self._execute(live)
@@ -200,6 +222,7 @@ class Batcher(Generic[Item, Result]):
 
     def _execute(self, jobs: list[_Job[Item, Result]]) -> None:
         """Run a batch; on failure isolate the bad item by retrying singly; halve on CUDA OOM."""
+        started = time.monotonic()
         try:
             results = self._run_batch([job.item for job in jobs], jobs[0].options)
         except Exception as exc:  # a bad image or an OOM must not fail its neighbours
@@ -225,6 +248,7 @@ class Batcher(Generic[Item, Result]):
             return
         self.batches_run += 1
         self.items_run += len(jobs)
+        _notify(self._on_batch, len(jobs), time.monotonic() - started)
         for job, result in zip(jobs, results, strict=True):
             job.future.set_result(result)
 

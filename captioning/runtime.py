@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from captioning.batcher import Batcher
+from captioning.metrics import ServiceMetrics
 from captioning.model_state import ModelState
 from captioning.pipeline import Pipeline
 from captioning.result_cache import ResultCache, make_cache
@@ -52,6 +53,7 @@ class Runtime:
         self.emoji = emoji_store or EmojiConfigStore(settings)
         self.images = ImageReader(settings)
         self.model = ModelState()
+        self.metrics = ServiceMetrics(self)  # its own registry; states are read at scrape time
         self.pipeline = Pipeline(settings, self.model, self.cache, self.emoji)
         self.draining = False
         self._given_captioner = captioner
@@ -86,6 +88,8 @@ class Runtime:
             max_batch_size=self.settings.max_batch_size,
             batch_wait_ms=self.settings.batch_wait_ms,
             max_queue=self.settings.max_queue,
+            on_batch=self.metrics.observe_batch,
+            on_dequeue=self.metrics.observe_queue_wait,
         ).start()
         self.model.set_ready(captioner, batcher, time.monotonic() - started)
 

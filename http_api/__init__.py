@@ -4,6 +4,7 @@
     health.py    /health                         envelope.py       the v3 bodies
     page.py      /  (browser page, page_static/)
     errors.py    every error → envelope           cors.py           CORS headers
+    metrics.py   /metrics, request counting        request_log.py    X-Request-ID, access log
     context.py   the runtime behind the app
 
 Views parse, call the pipeline, and wrap the result; they never translate errors or start
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from flask import Flask
 
-from http_api import analyze, context, cors, errors, health, page
+from http_api import analyze, context, cors, errors, health, metrics, page, request_log
 from http_api.envelope import start_clock
 
 if TYPE_CHECKING:
@@ -26,11 +27,13 @@ if TYPE_CHECKING:
 def init_app(app: Flask, runtime: Runtime) -> None:
     settings = runtime.settings
     context.attach(app, runtime)
+    request_log.register(app)  # first: binds the request id before, logs after every hook
+    metrics.register(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_file_size
     app.json.sort_keys = True  # type: ignore[attr-defined]
     app.json.ensure_ascii = True  # type: ignore[attr-defined]
     app.before_request(start_clock)
     cors.register(app, settings.cors_origins)
     errors.register(app, settings.max_file_size)
-    for blueprint in (analyze.bp, health.bp, page.bp):
+    for blueprint in (analyze.bp, health.bp, metrics.bp, page.bp):
         app.register_blueprint(blueprint)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, g, request
 
 from captioning.options import GenerationOptions
 from http_api.context import current_runtime
@@ -27,4 +27,5 @@ def analyze() -> Response:
     result = runtime.pipeline.caption(
         source, options, deadline=runtime.pipeline.deadline(started_at())
     )
+    g.cached = result.cached  # for the access log
     return success(result.predictions, cached=result.cached)
