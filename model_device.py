@@ -425,6 +425,17 @@ def device_capability_problem(torch: Any, index: int) -> str | None:
     )
 
 
+def _first_use_problem(torch: Any, index: int, diag: GpuDiagnosis) -> str | None:
+    """Create the CUDA context and run one kernel on device `index`: is_available() can be True
+    while the first real use fails (no /dev/nvidia-uvm, a GPU in a bad state, ...)."""
+    try:
+        torch.ones(8, device=f"cuda:{index}").sum().item()
+    except Exception as exc:  # CUDA errors surface as RuntimeError/AcceleratorError
+        traces = f"; the driver traces say: {diag.cause}" if diag.cause else ""
+        return f"cuda:{index} fails on first use: {type(exc).__name__}: {exc}{traces}"
+    return None
+
+
 # --------------------------------------------------------------------------- the plan
 
 
@@ -488,7 +499,7 @@ def _choose_cuda(
     index = int(requested.split(":")[1]) if ":" in requested else 0
     if index >= state.device_count:
         return None, f"{requested} does not exist: {state.device_count} CUDA device(s) visible"
-    problem = device_capability_problem(torch, index)
+    problem = device_capability_problem(torch, index) or _first_use_problem(torch, index, diag)
     if problem:
         return None, problem
     major, minor = torch.cuda.get_device_capability(index)

@@ -303,6 +303,8 @@ def collect(
         )
     except model_device.DeviceError as exc:
         plan_error = str(exc)
+    except Exception as exc:  # a CUDA error the plan did not foresee: report, do not crash
+        plan_error = f"unexpected {type(exc).__name__} while planning: {exc}"
     diag = model_device.diagnose_gpu(
         root=root, environ=environ, torch_cuda=tr.cuda, torch_version=tr.version
     )
@@ -355,7 +357,7 @@ def _driver_lines(report: DoctorReport) -> list[str]:
     lines = [f"kernel module {kernel}", f"libcuda.so.1  {library}"]
     nvml = report.nvml
     if nvml is None:
-        lines.append("NVML          not asked (simulated root)")
+        lines.append("NVML          not asked")
     elif nvml.driver_version:
         lines.append(
             f"NVML          driver {nvml.driver_version}, supports CUDA up to "
