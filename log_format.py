@@ -103,8 +103,9 @@ def make_handler(log_format: str, stream: TextIO | None = None) -> logging.Handl
 
 
 def setup_logging(level: str, log_format: str, stream: TextIO | None = None) -> logging.Handler:
-    """Send every logger's records to one handler on the root logger (replacing any handlers
-    already there, like ``logging.basicConfig(force=True)``); returns that handler."""
+    """Send every logger's records, and Python's warnings, to one handler on the root logger
+    (replacing any handlers already there, like ``logging.basicConfig(force=True)``), so every
+    line on stderr has the chosen format; returns that handler."""
     handler = make_handler(log_format, stream)
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -112,4 +113,5 @@ def setup_logging(level: str, log_format: str, stream: TextIO | None = None) -> 
         old.close()
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logging.captureWarnings(True)  # library warnings as records, not raw stderr text
     return handler
