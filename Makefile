@@ -5,7 +5,8 @@ PY := .venv/bin/python
 TINY := models/tiny-shapes/model.yaml
 PORT ?= 7777
 
-.PHONY: uv sync run demo test lint format hadolint train-tiny eval-tiny bench requirements
+.PHONY: uv sync run demo test test-gpu doctor lint format hadolint train-tiny eval-tiny bench \
+	requirements
 
 # Install uv with pip when it is missing (the only bootstrap step).
 uv:
@@ -34,6 +35,14 @@ hadolint: sync
 
 test: sync lint hadolint
 	$(PY) -m pytest
+
+# What this machine can run the model on, and why (exit status 1 when DEVICE cannot be used).
+doctor: sync
+	$(PY) blip2_model.py doctor
+
+# The CUDA tests (skipped with the diagnosed reason by `make test` on machines without a GPU).
+test-gpu: sync
+	$(PY) -m pytest -m cuda
 
 train-tiny: sync
 	$(PY) scripts/train_tiny_shapes.py

@@ -13,14 +13,15 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Callable
 
 from flask import Flask
 
 import http_api
 from captioning.runtime import Runtime
-from http_api.envelope import SERVICE
+from http_api.server import HttpServer
 from log_format import setup_logging
+from malloc_tuning import tune_malloc
+from model_device import DeviceError, plan_device
 from settings import Settings, SettingsError
 
 log = logging.getLogger("blip2")
@@ -38,7 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="BLIP2 caption service (animal-farm v3 API)")
     parser.add_argument("--host", help="bind address (default 0.0.0.0, or 127.0.0.1 if PRIVATE)")
     parser.add_argument("--port", type=int, help="port (default PORT or 7777)")
-    parser.add_argument("--threads", type=int, help="waitress worker threads (default 8)")
+    parser.add_argument(
+        "--threads", type=int, help="waitress threads (default: sized to MAX_QUEUE)"
+    )
     parser.add_argument("--log-level", type=str.upper, help="DEBUG, INFO, WARNING, ERROR")
     return parser.parse_args(argv)
 
@@ -50,26 +53,6 @@ def build_settings(args: argparse.Namespace) -> Settings:
     return settings.with_overrides(private=False) if args.host else settings
 
 
-def serve(app: Flask, settings: Settings, on_listening: Callable[[], None] | None = None) -> None:
-    """Serve with waitress until SIGTERM/SIGINT."""
-    from waitress import create_server
-
-    server = create_server(
-        app,
-        host=settings.bind_host,
-        port=settings.port,
-        threads=settings.threads,
-        ident=SERVICE,
-        # Flask answers 413 with the envelope first; this only stops abusive bodies early.
-        max_request_body_size=settings.max_file_size * 2 + (1 << 20),
-        channel_timeout=120,
-    )
-    log.info("listening on http://%s:%s", settings.bind_host, server.effective_port)
-    if on_listening is not None:
-        on_listening()
-    server.run()
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = build_settings(parse_args(argv))
@@ -77,15 +60,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_format)
+    tune_malloc()
+    if settings.device and settings.device.startswith("cuda"):
+        try:  # an explicit GPU that cannot be used will never start: say why and stop now
+            plan_device(settings.device, settings.precision)
+        except DeviceError as exc:
+            log.error("%s", exc)
+            return 1
     runtime = Runtime(settings)
-    app = create_app(runtime)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    server = HttpServer(create_app(runtime), settings)
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, server.request_drain)
+    log.info("listening on http://%s:%s", server.host, server.port)
+    runtime.start()
     try:
-        serve(app, settings, on_listening=runtime.start)
-    except KeyboardInterrupt:
-        pass
+        served_all = server.serve(on_drain=runtime.begin_drain)
     finally:
-        runtime.stop()
+        finished_all = runtime.stop(drain_timeout=server.time_left())
+    log.info("stopped (%s)", "drained" if served_all and finished_all else "drain timed out")
     return 0
 
 

@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # heavy imports stay out of import time
     from PIL import Image
     from transformers import BertTokenizer
 
+    from model_device import DevicePlan
     from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -257,17 +258,18 @@ class Captioner:
     # -- loading -----------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, settings: Settings) -> Captioner:
-        """Load the configured model (MODEL_CONFIG, else MODEL_NAME/MODEL_TYPE from MODEL_DIR)."""
+    def load(cls, settings: Settings, plan: DevicePlan | None = None) -> Captioner:
+        """Load the configured model (MODEL_CONFIG, else MODEL_NAME/MODEL_TYPE from MODEL_DIR) on
+        the planned device; the plan comes first, so an unusable DEVICE fails before loading."""
         import torch
 
         import model_files
-        from model_device import resolve_device, resolve_precision
+        from model_device import plan_device
 
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        device = resolve_device(settings.device)
-        precision = resolve_precision(settings.precision, device)
+        plan = plan or plan_device(settings.device, settings.precision)
+        device, precision = plan.device, plan.precision
         spec = model_files.configured_spec(settings)
         started = time.monotonic()
         model = build_model(spec)
@@ -285,9 +287,13 @@ class Captioner:
 
     # -- inference ---------------------------------------------------------------------------
 
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """One image as the model's input: square resize (bicubic), to tensor, CLIP-normalise.
+        Thread-safe, so callers can prepare in parallel and queue small tensors, not images."""
+        return self.transform(image if image.mode == "RGB" else image.convert("RGB"))
+
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Resize to the model's square size (bicubic), to tensor, CLIP-normalise."""
-        return self._torch.stack([self.transform(img.convert("RGB")) for img in images])
+        return self._torch.stack([self.prepare(img) for img in images])
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.precision == "fp32":
@@ -305,15 +311,21 @@ class Captioner:
         self, images: Sequence[Image.Image], options: GenerationOptions | None = None
     ) -> list[list[str]]:
         """Caption every image in one batch; `num_captions` captions per image, in order."""
+        return self.caption_prepared([self.prepare(img) for img in images], options)
+
+    def caption_prepared(
+        self, prepared: Sequence[torch.Tensor], options: GenerationOptions | None = None
+    ) -> list[list[str]]:
+        """`caption` for images already through :meth:`prepare` (what the batcher queues)."""
         opts = (options or GenerationOptions()).validate()
-        if not images:
+        if not prepared:
             return []
-        pixels = self.preprocess(images).to(device=self.device, dtype=self.dtype)
+        pixels = self._torch.stack(list(prepared)).to(device=self.device, dtype=self.dtype)
         with self._torch.inference_mode(), self._autocast():
             embeds = self.model.forward_encoder({"image": pixels})
             texts = self._decode(embeds, opts)
         n = opts.num_captions
-        return [texts[i * n : (i + 1) * n] for i in range(len(images))]
+        return [texts[i * n : (i + 1) * n] for i in range(len(prepared))]
 
     def _decode(self, embeds: torch.Tensor, opts: GenerationOptions) -> list[str]:
         prompt_text = self.spec.prompt + opts.prompt.strip() + (" " if opts.prompt.strip() else "")
@@ -376,12 +388,18 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     from model_files import add_download_parser, cli_download
     from settings import Settings
 
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if args_in[:1] == ["doctor"]:  # its own flags (--device, --precision, --json)
+        import model_doctor
+
+        return model_doctor.main(args_in[1:])
     parser = argparse.ArgumentParser(prog="blip2_model.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_download_parser(sub)
+    sub.add_parser("doctor", help="what this machine can run the model on, and why")
     cap = sub.add_parser("caption", help="caption image files with the configured model")
     cap.add_argument("images", nargs="+", type=Path)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_in)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
     if args.command == "download":

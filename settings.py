@@ -28,6 +28,8 @@ DEFAULT_TOKENIZER_URL = "https://huggingface.co/bert-base-uncased/resolve/main/"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+#: waitress threads kept free of captioning work so /health and /metrics always answer.
+HEALTH_RESERVE_THREADS = 4
 
 
 class SettingsError(ValueError):
@@ -82,7 +84,8 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 7777
     private: bool = False
-    threads: int = 8
+    threads: int = 0  # 0: sized for the queue (see server_threads)
+    drain_timeout: float = 30.0
     log_level: str = "INFO"
     log_format: str = "plain"
     cors_origins: str = "*"
@@ -91,6 +94,8 @@ class Settings:
     max_image_pixels: int = 40_000_000
     allow_private_urls: bool = True
     file_roots: tuple[Path, ...] | None = None
+    max_downloads: int = 16
+    decode_concurrency: int = 0  # 0: one per CPU core
     # Model
     model_name: str = "blip_caption"
     model_type: str = "large_coco"
@@ -119,6 +124,25 @@ class Settings:
     mwe_url: str = DEFAULT_CONFIG_BASE + "mwe.txt"
     emoji_cache_dir: Path = PROJECT_ROOT / ".cache" / "emoji"
     emoji_refresh_seconds: float = 0.0
+
+    @property
+    def server_threads(self) -> int:
+        """waitress threads: THREADS, or enough for every queued and running model request plus
+        the threads kept for /health and /metrics (waiting threads are cheap; the batcher bounds
+        the model)."""
+        if self.threads:
+            return max(self.threads, HEALTH_RESERVE_THREADS + 1)
+        return self.max_queue + self.max_batch_size + HEALTH_RESERVE_THREADS
+
+    @property
+    def analyze_slots(self) -> int:
+        """Requests that may be inside the captioning routes at once; the rest of the server's
+        threads stay free for /health, /metrics and the docs (extra requests get 503 at once)."""
+        return self.server_threads - HEALTH_RESERVE_THREADS
+
+    @property
+    def decode_slots(self) -> int:
+        return self.decode_concurrency or (os.cpu_count() or 1)
 
     @property
     def bind_host(self) -> str:
@@ -173,7 +197,8 @@ class Settings:
         put("HOST", "host", lambda n, r: r.strip())
         put("PORT", "port", lambda n, r: _parse_int(n, r, 0, 65535))
         put("PRIVATE", "private", _parse_bool)
-        put("THREADS", "threads", lambda n, r: _parse_int(n, r, 1, 256))
+        put("THREADS", "threads", lambda n, r: _parse_int(n, r, 0, 1024))
+        put("DRAIN_TIMEOUT", "drain_timeout", lambda n, r: _parse_float(n, r, 0.0))
         put("LOG_LEVEL", "log_level", lambda n, r: r.strip().upper())
         put("LOG_FORMAT", "log_format", _parse_log_format)
         put("CORS_ORIGINS", "cors_origins", lambda n, r: r.strip())
@@ -181,6 +206,8 @@ class Settings:
         put("MAX_IMAGE_PIXELS", "max_image_pixels", lambda n, r: _parse_int(n, r, 1))
         put("ALLOW_PRIVATE_URLS", "allow_private_urls", _parse_bool)
         put("FILE_ROOTS", "file_roots", lambda n, r: _parse_paths(r) or None)
+        put("MAX_DOWNLOADS", "max_downloads", lambda n, r: _parse_int(n, r, 1, 1024))
+        put("DECODE_CONCURRENCY", "decode_concurrency", lambda n, r: _parse_int(n, r, 0, 256))
         put("MODEL_NAME", "model_name", lambda n, r: r.strip())
         put("MODEL_TYPE", "model_type", lambda n, r: r.strip())
         put("MODEL_DIR", "model_dir", lambda n, r: Path(r.strip()).expanduser())

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model-config", type=Path)
     parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = parser.parse_args(argv)
 
     import torch
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     model = blip2_model.build_model(spec)
     if spec.checkpoint is not None:
         blip2_model.load_checkpoint(model, spec.checkpoint)
-    model.eval()
+    model.eval().to(args.device)
     transform = blip2_model.image_transform(spec)
 
     app = Flask(__name__)
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.time()
         image = Image.open(io.BytesIO(request.files["file"].read())).convert("RGB")
         with torch.no_grad():
-            caption = model.generate({"image": transform(image).unsqueeze(0)})[0]
+            caption = model.generate({"image": transform(image).unsqueeze(0).to(args.device)})[0]
         return jsonify(
             {
                 "metadata": {"processing_time": round(time.time() - started, 3)},

@@ -14,8 +14,11 @@ is keyed by the raw bytes, so a hit skips decoding. Nothing here knows about HTT
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +29,7 @@ from captioning.result_cache import ResultCache, cache_key, cacheable
 from image_input.decode import decode_image
 
 if TYPE_CHECKING:
+    from blip2_model import Captioner
     from captioning.model_state import ModelState
     from emoji_config import EmojiConfigStore
     from image_input.sources import ImageSource
@@ -40,6 +44,17 @@ class CaptionResult:
     predictions: list[dict[str, Any]]
     cached: bool
     image_sha256: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Staged:
+    """An image read and looked up: cached captions, or the prepared model input."""
+
+    sha256: str
+    cache_key: str | None
+    captions: list[str] | None = None
+    prepared: Any = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -59,6 +74,8 @@ class Pipeline:
         self.model = model
         self.cache = cache
         self.emoji = emoji
+        # Bounds the images in memory at once: bytes read locally plus their decoded pixels.
+        self._decode_slots = threading.BoundedSemaphore(settings.decode_slots)
 
     def deadline(self, started: float) -> float:
         """The monotonic instant by which a request that started at `started` must finish."""
@@ -69,33 +86,57 @@ class Pipeline:
     ) -> CaptionResult:
         """Caption one image; raises the errors of captioning/errors.py, nothing else."""
         captioner, batcher = self.model.ready()
-        t0 = time.monotonic()
-        data = source.read()
-        if len(data) > self.max_bytes:
-            raise too_large(self.max_bytes)
-        t1 = time.monotonic()
-        digest = hashlib.sha256(data).hexdigest()
-        key = cache_key(data, captioner.identity, options) if cacheable(options) else None
-        captions = self.cache.get(key) if key is not None else None
-        cached = captions is not None
-        t2 = t1
+        staged = self._stage(source, captioner, options, deadline)
+        captions = staged.captions
         if captions is None:
-            image = decode_image(data, max_pixels=self.max_pixels, error_prefix=source.error_prefix)
-            del data  # the decoded image is all the model needs; free the bytes early
-            t2 = time.monotonic()
+            started = time.monotonic()
             try:
-                captions = batcher.run(image, options, options.signature(), deadline)
+                captions = batcher.run(staged.prepared, options, options.signature(), deadline)
             except DeadlineExceeded:
                 raise DeadlineExceeded(
                     f"Request timed out after {self.request_timeout:g} s waiting for the model"
                 ) from None
-            if key is not None:
-                self.cache.set(key, captions)
-        t3 = time.monotonic()
+            staged.timings["model"] = time.monotonic() - started
+            if staged.cache_key is not None:
+                self.cache.set(staged.cache_key, captions)
         return CaptionResult(
             captions=captions,
             predictions=predictions(captions, self.emoji.mapper),
-            cached=cached,
-            image_sha256=digest,
-            timings={"read": t1 - t0, "decode": t2 - t1, "model": t3 - t2},
+            cached=staged.captions is not None,
+            image_sha256=staged.sha256,
+            timings=staged.timings,
         )
+
+    def _stage(
+        self, source: ImageSource, captioner: Captioner, options: GenerationOptions, deadline: float
+    ) -> _Staged:
+        """Read (downloads outside the decode slot, local bytes inside it), look up, decode."""
+        started = time.monotonic()
+        downloaded = None if source.local else source.read()
+        with self._decode_slot(deadline):
+            data = downloaded if downloaded is not None else source.read()
+            del downloaded
+            if len(data) > self.max_bytes:
+                raise too_large(self.max_bytes)
+            read_done = time.monotonic()
+            key = cache_key(data, captioner.identity, options) if cacheable(options) else None
+            staged = _Staged(hashlib.sha256(data).hexdigest(), key)
+            staged.timings["read"] = read_done - started
+            staged.captions = self.cache.get(key) if key is not None else None
+            if staged.captions is None:
+                image = decode_image(
+                    data, max_pixels=self.max_pixels, error_prefix=source.error_prefix
+                )
+                del data
+                staged.prepared = captioner.prepare(image)  # ~1.8 MB queued, not the image
+                staged.timings["decode"] = time.monotonic() - read_done
+            return staged
+
+    @contextlib.contextmanager
+    def _decode_slot(self, deadline: float) -> Iterator[None]:
+        if not self._decode_slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise DeadlineExceeded("Request timed out waiting to decode the image")
+        try:
+            yield
+        finally:
+            self._decode_slots.release()

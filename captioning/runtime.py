@@ -28,6 +28,7 @@ from image_input.sources import ImageReader
 
 if TYPE_CHECKING:
     from blip2_model import Captioner
+    from model_device import DevicePlan
     from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,11 @@ class Runtime:
         self.model = ModelState()
         self.metrics = ServiceMetrics(self)  # its own registry; states are read at scrape time
         self.pipeline = Pipeline(settings, self.model, self.cache, self.emoji)
+        # Captioning requests inside the service at once (THREADS - 4): the rest is shed with
+        # 503 at the door, so the threads kept for /health and /metrics are never taken.
+        self.analyze_slots = threading.BoundedSemaphore(settings.analyze_slots)
         self.draining = False
+        self.device_plan: DevicePlan | None = None
         self._given_captioner = captioner
         self._loader: threading.Thread | None = None
         self._stopped = False
@@ -84,7 +89,7 @@ class Runtime:
         if self._stopped:
             return
         batcher: Batcher[Any, list[str]] = Batcher(
-            captioner.caption,
+            captioner.caption_prepared,
             max_batch_size=self.settings.max_batch_size,
             batch_wait_ms=self.settings.batch_wait_ms,
             max_queue=self.settings.max_queue,
@@ -95,8 +100,11 @@ class Runtime:
 
     def _load_captioner(self) -> Captioner:
         from blip2_model import Captioner
+        from model_device import plan_device
 
-        captioner = Captioner.load(self.settings)
+        # The plan logs one clear error when a visible GPU cannot be used (see /health too).
+        self.device_plan = plan_device(self.settings.device, self.settings.precision)
+        captioner = Captioner.load(self.settings, plan=self.device_plan)
         captioner.warmup()  # the first request should not pay for lazy initialisation
         return captioner
 
@@ -124,6 +132,8 @@ class Runtime:
 
     def warnings(self) -> list[str]:
         found = list(self.cache.warnings())
+        if self.device_plan is not None:
+            found += self.device_plan.warnings
         if self.model.state == "error":
             found.insert(0, f"model failed to load: {self.model.reason}")
         return found

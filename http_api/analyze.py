@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, g, request
 
+from captioning.errors import Overloaded
 from captioning.options import GenerationOptions
 from http_api.context import current_runtime
 from http_api.envelope import started_at, success
@@ -13,9 +14,21 @@ bp = Blueprint("analyze", __name__)
 
 
 @bp.before_request
-def _model_ready() -> None:
-    """While the model loads (or after it failed) every analyze call is 503 (CONTRACT.md)."""
-    current_runtime().model.ready()
+def _admit() -> None:
+    """While the model loads (or after it failed) every analyze call is 503 (CONTRACT.md); with
+    every captioning slot taken, 503 + Retry-After at once instead of waiting for a thread."""
+    runtime = current_runtime()
+    runtime.model.ready()
+    if not runtime.analyze_slots.acquire(blocking=False):
+        raise Overloaded("Server busy: too many requests in progress, retry shortly")
+    g.analyze_slot = runtime.analyze_slots
+
+
+@bp.teardown_request
+def _release(_exc: BaseException | None) -> None:
+    slot = g.pop("analyze_slot", None)
+    if slot is not None:
+        slot.release()
 
 
 @bp.route("/analyze", methods=["GET", "POST"])

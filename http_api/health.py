@@ -18,7 +18,10 @@ DRAINING = "draining"
 def health() -> Response:
     runtime = current_runtime()
     model = runtime.model.health()
-    device = model.get("device") or expected_device(runtime.settings.device)
+    plan = runtime.device_plan
+    device = model.get("device") or (
+        plan.device if plan is not None else expected_device(runtime.settings.device)
+    )
     model.setdefault("device", device)
     state = DRAINING if runtime.draining else runtime.model.state
     ready = state == LOADED

@@ -4,6 +4,7 @@ the `url=` / `file=` query. Returns an `ImageSource`; nothing is read or downloa
 from __future__ import annotations
 
 from flask import Request
+from werkzeug.datastructures import FileStorage
 
 from captioning.errors import InvalidRequest, too_large
 from image_input.sources import ImageReader, ImageSource, allowed_filename
@@ -15,20 +16,18 @@ def image_source(request: Request, reader: ImageReader) -> ImageSource:
     if request.method == "POST":
         media_type = (request.mimetype or "").lower()
         if media_type in RAW_TYPES:
-            data = request.get_data(cache=False)
-            if not data:
+            if not request.content_length:
                 raise InvalidRequest("No image body provided")
-            return reader.upload(data)
+            # Read when the pipeline has a decode slot, so waiting bodies stay in waitress's
+            # spool files rather than in memory.
+            return reader.upload(lambda: _read_body(request, reader.max_bytes))
         if media_type == "multipart/form-data" and "file" in request.files:
             upload = request.files["file"]
             if not upload.filename:
                 raise InvalidRequest("No file selected")
             if not allowed_filename(upload.filename):
                 raise InvalidRequest("File type not allowed")
-            data = upload.read(reader.max_bytes + 1)
-            if len(data) > reader.max_bytes:
-                raise too_large(reader.max_bytes)
-            return reader.upload(data, upload.filename)
+            return reader.upload(lambda: _read_upload(upload, reader.max_bytes), upload.filename)
     url = request.args.get("url", "").strip()
     path = request.args.get("file", "").strip()
     if url and path:
@@ -38,3 +37,19 @@ def image_source(request: Request, reader: ImageReader) -> ImageSource:
     if path:
         return reader.file(path)
     raise InvalidRequest("Must provide either url or file parameter, or POST a file")
+
+
+def _read_body(request: Request, max_bytes: int) -> bytes:
+    data = request.stream.read(max_bytes + 1)
+    if not data:
+        raise InvalidRequest("No image body provided")
+    if len(data) > max_bytes:
+        raise too_large(max_bytes)
+    return data
+
+
+def _read_upload(upload: FileStorage, max_bytes: int) -> bytes:
+    data = upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise too_large(max_bytes)
+    return data

@@ -8,10 +8,12 @@ answers 503 before it downloads anything. :class:`ImageReader` binds the service
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from captioning.errors import Overloaded
 from image_input.decode import BODY_ERROR, FILE_ERROR, URL_ERROR
 from image_input.file_read import read_file
 from image_input.url_fetch import UrlFetcher
@@ -40,6 +42,11 @@ class ImageSource:
     read: Callable[[], bytes] = field(repr=False, compare=False)
 
     @property
+    def local(self) -> bool:
+        """Bytes already here (upload, file) rather than to be downloaded."""
+        return self.kind != "url"
+
+    @property
     def error_prefix(self) -> str:
         """The contract's wording for decode errors of this kind of input."""
         return _PREFIXES[self.kind]
@@ -51,17 +58,30 @@ class ImageReader:
     def __init__(self, settings: Settings) -> None:
         self.max_bytes = settings.max_file_size
         self.roots = settings.file_roots
+        self.download_wait = settings.timeout
+        # Each download holds up to MAX_FILE_SIZE in memory: bound how many run at once.
+        self._downloads = threading.BoundedSemaphore(settings.max_downloads)
         self.fetcher = UrlFetcher(
             max_bytes=settings.max_file_size,
             timeout=settings.timeout,
             allow_private=settings.allow_private_urls,
         )
 
-    def upload(self, data: bytes, name: str = "") -> ImageSource:
-        return ImageSource("upload", name, lambda: data)
+    def upload(self, data: bytes | Callable[[], bytes], name: str = "") -> ImageSource:
+        """Bytes, or a callable that reads them when the pipeline is ready (a request stream)."""
+        read = data if callable(data) else (lambda: data)
+        return ImageSource("upload", name, read)
 
     def url(self, url: str) -> ImageSource:
-        return ImageSource("url", url, lambda: self.fetcher.fetch(url))
+        return ImageSource("url", url, lambda: self._download(url))
+
+    def _download(self, url: str) -> bytes:
+        if not self._downloads.acquire(timeout=self.download_wait):
+            raise Overloaded("Server busy: too many downloads in progress, retry shortly")
+        try:
+            return self.fetcher.fetch(url)
+        finally:
+            self._downloads.release()
 
     def file(self, path: str) -> ImageSource:
         return ImageSource(

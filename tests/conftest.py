@@ -43,6 +43,7 @@ def serve_app(tiny_captioner):
     """Factory: a real waitress server around `create_app(Runtime(settings, captioner=...))`,
     started and ready; closed (server, then runtime) after the test."""
     from captioning.runtime import Runtime
+    from http_api.server import waitress_options
     from REST import create_app
     from servers import RunningServer
 
@@ -50,7 +51,7 @@ def serve_app(tiny_captioner):
 
     def start(settings, captioner=tiny_captioner, **kw):
         runtime = Runtime(settings, captioner=captioner, **kw).start(wait=True)
-        server = RunningServer(create_app(runtime))
+        server = RunningServer(create_app(runtime), **waitress_options(settings))
         server.runtime = runtime
         running.append((server, runtime))
         return server

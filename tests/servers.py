@@ -13,10 +13,11 @@ from waitress import create_server
 class RunningServer:
     """waitress serving `app` on an ephemeral loopback port, in a background thread."""
 
-    def __init__(self, app: Flask, threads: int = 8, **kw: Any) -> None:
+    def __init__(self, app: Flask, **kw: Any) -> None:
         self.app = app
         self.runtime: Any = None  # set by fixtures that build the app around a runtime
-        self.server = create_server(app, host="127.0.0.1", port=0, threads=threads, **kw)
+        kw.setdefault("threads", 8)
+        self.server = create_server(app, host="127.0.0.1", port=0, **kw)
         self.port = self.server.effective_port
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._run, name="waitress-test", daemon=True)
