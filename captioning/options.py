@@ -118,6 +118,10 @@ OPTIONS: tuple[OptionSpec, ...] = (
         max_chars=MAX_PROMPT_CHARS,
     ),
 )
+#: Not a generation option (the model never sees it): shapes the predictions in the answer.
+TAGS = OptionSpec(
+    "tags", "tags", bool, False, "add predictions[i].tags: content words and known phrases"
+)
 BY_NAME: dict[str, OptionSpec] = {spec.name: spec for spec in OPTIONS}
 BY_FIELD: dict[str, OptionSpec] = {spec.field: spec for spec in OPTIONS}
 
@@ -188,3 +192,11 @@ class GenerationOptions:
         if "max_length" in kw and "min_length" not in kw:
             kw["min_length"] = min(BY_FIELD["min_length"].default, kw["max_length"])
         return cls(**kw).validate()
+
+
+def tags_requested(values: Mapping[str, Any]) -> bool:
+    """The `tags` flag from a query string or JSON object (absent or blank: false)."""
+    raw = values.get(TAGS.name)
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return False
+    return bool(TAGS.parse(raw))

@@ -82,7 +82,12 @@ class Pipeline:
         return started + self.request_timeout
 
     def caption(
-        self, source: ImageSource, options: GenerationOptions, *, deadline: float
+        self,
+        source: ImageSource,
+        options: GenerationOptions,
+        *,
+        deadline: float,
+        tags: bool = False,
     ) -> CaptionResult:
         """Caption one image; raises the errors of captioning/errors.py, nothing else."""
         captioner, batcher = self.model.ready()
@@ -101,7 +106,7 @@ class Pipeline:
                 self.cache.set(staged.cache_key, captions)
         return CaptionResult(
             captions=captions,
-            predictions=predictions(captions, self.emoji.mapper),
+            predictions=predictions(captions, self.emoji.mapper, tags=tags),
             cached=staged.captions is not None,
             image_sha256=staged.sha256,
             timings=staged.timings,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, g, request
 
 from captioning.errors import Overloaded
-from captioning.options import GenerationOptions
+from captioning.options import GenerationOptions, tags_requested
 from http_api.context import current_runtime
 from http_api.envelope import started_at, success
 from http_api.request_image import image_source
@@ -36,9 +36,10 @@ def _release(_exc: BaseException | None) -> None:
 def analyze() -> Response:
     runtime = current_runtime()
     options = GenerationOptions.from_public(request.args)
+    tags = tags_requested(request.args)
     source = image_source(request, runtime.images)
     result = runtime.pipeline.caption(
-        source, options, deadline=runtime.pipeline.deadline(started_at())
+        source, options, deadline=runtime.pipeline.deadline(started_at()), tags=tags
     )
     g.cached = result.cached  # for the access log
     return success(result.predictions, cached=result.cached)
