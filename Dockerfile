@@ -33,4 +33,7 @@ EXPOSE 7777
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import os,sys,urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '7777'), timeout=4).status == 200 else 1)"]
 
+# SIGTERM starts a graceful drain (DRAIN_TIMEOUT, default 30 s): give `docker stop` longer,
+# e.g. `docker stop -t 45` or `docker run --stop-timeout 45` (see docs/operations.md).
+STOPSIGNAL SIGTERM
 CMD ["python", "REST.py"]
