@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -25,11 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import model_device
+from nvml import NVML_LIBRARY, NvmlReport, nvml_query
 
 if TYPE_CHECKING:
     from settings import Settings
 
-NVML_LIBRARY = "libnvidia-ml.so.1"
 EXIT_OK, EXIT_UNUSABLE, EXIT_DEGRADED = 0, 1, 2
 GIB = 1024**3
 # CPU flags (as /proc/cpuinfo spells them) that decide how fast the CPU path is.
@@ -44,97 +43,6 @@ CPU_FLAGS = {
 }
 # Largest relative error of a 256x256 matrix product against fp32, per precision.
 CHECK_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 5e-2}
-
-
-# --------------------------------------------------------------------------- NVML
-
-
-class _NvmlMemory(ctypes.Structure):
-    _fields_ = [
-        ("total", ctypes.c_ulonglong),
-        ("free", ctypes.c_ulonglong),
-        ("used", ctypes.c_ulonglong),
-    ]
-
-
-@dataclass
-class NvmlGpu:
-    index: int
-    name: str
-    capability: str
-    memory_total_gib: float
-    memory_free_gib: float
-
-
-@dataclass
-class NvmlReport:
-    """What the driver's management library says; `error` when it cannot be asked."""
-
-    error: str | None = None
-    driver_version: str | None = None
-    cuda_driver_version: str | None = None  # the newest CUDA this driver supports
-    gpus: list[NvmlGpu] = field(default_factory=list)
-
-
-class _NvmlFailure(Exception):
-    pass
-
-
-def _nvml_call(lib: ctypes.CDLL, name: str, *args: Any) -> None:
-    rc = getattr(lib, name)(*args)
-    if rc != 0:
-        lib.nvmlErrorString.restype = ctypes.c_char_p
-        text = lib.nvmlErrorString(rc) or b"unknown error"
-        raise _NvmlFailure(f"{name}: {text.decode(errors='replace')} (NVML error {rc})")
-
-
-def _nvml_gpu(lib: ctypes.CDLL, index: int) -> NvmlGpu:
-    handle = ctypes.c_void_p()
-    _nvml_call(lib, "nvmlDeviceGetHandleByIndex_v2", ctypes.c_uint(index), ctypes.byref(handle))
-    name = ctypes.create_string_buffer(96)
-    _nvml_call(lib, "nvmlDeviceGetName", handle, name, ctypes.c_uint(len(name)))
-    memory = _NvmlMemory()
-    _nvml_call(lib, "nvmlDeviceGetMemoryInfo", handle, ctypes.byref(memory))
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    _nvml_call(
-        lib, "nvmlDeviceGetCudaComputeCapability", handle, ctypes.byref(major), ctypes.byref(minor)
-    )
-    return NvmlGpu(
-        index=index,
-        name=name.value.decode(errors="replace"),
-        capability=f"{major.value}.{minor.value}",
-        memory_total_gib=round(memory.total / GIB, 2),
-        memory_free_gib=round(memory.free / GIB, 2),
-    )
-
-
-def nvml_query(library: str = NVML_LIBRARY) -> NvmlReport:
-    """Driver version, CUDA level and GPUs from NVML, loaded with ctypes (no nvidia-smi)."""
-    try:
-        lib = ctypes.CDLL(library)
-    except OSError as exc:
-        return NvmlReport(error=str(exc))
-    try:
-        _nvml_call(lib, "nvmlInit_v2")
-    except (_NvmlFailure, AttributeError) as exc:
-        return NvmlReport(error=str(exc))
-    report = NvmlReport()
-    try:
-        version = ctypes.create_string_buffer(96)
-        _nvml_call(lib, "nvmlSystemGetDriverVersion", version, ctypes.c_uint(len(version)))
-        report.driver_version = version.value.decode(errors="replace")
-        cuda = ctypes.c_int()
-        _nvml_call(lib, "nvmlSystemGetCudaDriverVersion_v2", ctypes.byref(cuda))
-        report.cuda_driver_version = f"{cuda.value // 1000}.{cuda.value % 1000 // 10}"
-        count = ctypes.c_uint()
-        _nvml_call(lib, "nvmlDeviceGetCount_v2", ctypes.byref(count))
-        report.gpus = [_nvml_gpu(lib, i) for i in range(count.value)]
-    except (_NvmlFailure, AttributeError) as exc:
-        report.error = str(exc)
-    finally:
-        with contextlib.suppress(Exception):
-            lib.nvmlShutdown()
-    return report
 
 
 # --------------------------------------------------------------------------- CPU and torch
