@@ -26,13 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from bulk.jobs import (
-    MAX_MESSAGE_CHARS,
     MAX_PAGE,
-    MAX_REF_CHARS,
-    MAX_SOURCE_CHARS,
     ClaimedItem,
     ExpiredJob,
-    InvalidJob,
     ItemRef,
     ItemResult,
     JobCounts,
@@ -45,8 +41,11 @@ from bulk.jobs import (
     StoreFull,
     StoreStats,
     StoreUnavailable,
-    TooManyItems,
     TooManyJobs,
+    check_new_job,
+    clip_message,
+    stored_outcome,
+    to_json,
 )
 
 log = logging.getLogger(__name__)
@@ -194,8 +193,8 @@ class SqliteJobStore:
         spool_dir: str | None = None,
         spool_bytes: int = 0,
     ) -> str:
-        self._check_new_job(items, callback_url)
-        options_json = _json(dict(options), "options")
+        check_new_job(self.config, items, callback_url)
+        options_json = to_json(dict(options), "options")
         job_id = secrets.token_urlsafe(16)
         now = self._clock()
         with self._write() as tx:
@@ -222,19 +221,6 @@ class SqliteJobStore:
             )
         log.info("job %s created with %d items", job_id, len(items))
         return job_id
-
-    def _check_new_job(self, items: Sequence[NewItem], callback_url: str | None) -> None:
-        if not items:
-            raise InvalidJob("a job needs at least one item")
-        if len(items) > self.config.max_items_per_job:
-            raise TooManyItems(
-                f"a job may have at most {self.config.max_items_per_job} items, got {len(items)}"
-            )
-        for item in items:
-            if len(item.source) > MAX_SOURCE_CHARS or len(item.input_ref) > MAX_REF_CHARS:
-                raise InvalidJob("an item's name or address is too long")
-        if callback_url is not None and len(callback_url) > MAX_REF_CHARS:
-            raise InvalidJob("callback_url is too long")
 
     def _check_room(self, tx: sqlite3.Connection, new_items: int, spool_bytes: int) -> None:
         """The concurrent-job, stored-item and spool bounds, inside the creating transaction."""
@@ -313,7 +299,7 @@ class SqliteJobStore:
 
     def _record_one(self, tx: sqlite3.Connection, outcome: Outcome, now: float) -> int | None:
         """Write one outcome if the item has none yet; the job's seq if written."""
-        state, result, error = self._stored_outcome(outcome)
+        state, result, error = stored_outcome(self.config, outcome)
         row = tx.execute(
             "UPDATE items SET state = ?, result = ?, error = ?, finished_at = ?,"
             " claimed_by = NULL, claimed_at = NULL"
@@ -322,20 +308,6 @@ class SqliteJobStore:
             (state, result, error, now, outcome.ref.job_id, outcome.ref.index),
         ).fetchone()
         return None if row is None else row[0]
-
-    def _stored_outcome(self, outcome: Outcome) -> tuple[str, str | None, str | None]:
-        """(state, result JSON, error) for an outcome, within the result size bound."""
-        if outcome.result is None:
-            return "error", None, _message(outcome.error or "failed")
-        try:
-            text = _json(dict(outcome.result), "result")
-        except InvalidJob:
-            log.error("item %s: result is not JSON-serialisable", outcome.ref)
-            return "error", None, "internal error: the result could not be stored"
-        if len(text.encode()) > self.config.max_result_bytes:
-            log.warning("item %s: result of %d bytes is over the bound", outcome.ref, len(text))
-            return "error", None, "the result is too large to store"
-        return "done", text, None
 
     def complete(self, ref: ItemRef, result: Mapping[str, Any]) -> bool:
         return self.record([Outcome(ref, result=result)]) == 1
@@ -421,7 +393,7 @@ class SqliteJobStore:
         return self._end(job_id, "cancelled", None)
 
     def fail_job(self, job_id: str, message: str) -> JobView | None:
-        return self._end(job_id, "failed", _message(message))
+        return self._end(job_id, "failed", clip_message(message))
 
     def _end(self, job_id: str, state: str, error: str | None) -> JobView | None:
         """End an unfinished job; items not yet claimed are skipped, claimed ones may finish."""
@@ -470,7 +442,7 @@ class SqliteJobStore:
             tx.execute(
                 "UPDATE jobs SET callback_state = ?, callback_error = ?"
                 " WHERE id = ? AND callback_state = 'pending'",
-                (state, _message(error) if error else None, job_id),
+                (state, clip_message(error) if error else None, job_id),
             )
 
     # -- reading -------------------------------------------------------------------------------
@@ -545,14 +517,3 @@ class SqliteJobStore:
             running = tx.execute("SELECT COUNT(*) FROM items WHERE state = 'claimed'").fetchone()
             spool = tx.execute("SELECT COALESCE(SUM(spool_bytes), 0) FROM jobs").fetchone()
         return StoreStats(unfinished, pending[0], running[0], spool[0])
-
-
-def _json(value: dict[str, Any], what: str) -> str:
-    try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError):
-        raise InvalidJob(f"{what} must be JSON") from None
-
-
-def _message(text: str) -> str:
-    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."

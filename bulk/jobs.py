@@ -14,10 +14,14 @@ The protocol is shaped so that Redis Streams fit it without translation: an item
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+
+log = logging.getLogger(__name__)
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 ItemState = Literal["pending", "claimed", "done", "error", "skipped"]
@@ -224,6 +228,49 @@ class StoreStats:
     pending_items: int
     running_items: int
     spool_bytes: int
+
+
+def check_new_job(
+    config: JobStoreConfig, items: Sequence[NewItem], callback_url: str | None
+) -> None:
+    """The checks every store makes before creating a job (the room checks are its own)."""
+    if not items:
+        raise InvalidJob("a job needs at least one item")
+    if len(items) > config.max_items_per_job:
+        raise TooManyItems(
+            f"a job may have at most {config.max_items_per_job} items, got {len(items)}"
+        )
+    for item in items:
+        if len(item.source) > MAX_SOURCE_CHARS or len(item.input_ref) > MAX_REF_CHARS:
+            raise InvalidJob("an item's name or address is too long")
+    if callback_url is not None and len(callback_url) > MAX_REF_CHARS:
+        raise InvalidJob("callback_url is too long")
+
+
+def to_json(value: dict[str, Any], what: str) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        raise InvalidJob(f"{what} must be JSON") from None
+
+
+def clip_message(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
+
+
+def stored_outcome(config: JobStoreConfig, outcome: Outcome) -> tuple[str, str | None, str | None]:
+    """(item state, result JSON, error) for an outcome, within the result size bound."""
+    if outcome.result is None:
+        return "error", None, clip_message(outcome.error or "failed")
+    try:
+        text = to_json(dict(outcome.result), "result")
+    except InvalidJob:
+        log.error("item %s: result is not JSON-serialisable", outcome.ref)
+        return "error", None, "internal error: the result could not be stored"
+    if len(text.encode()) > config.max_result_bytes:
+        log.warning("item %s: result of %d bytes is over the bound", outcome.ref, len(text))
+        return "error", None, "the result is too large to store"
+    return "done", text, None
 
 
 def iso_time(timestamp: float | None) -> str | None:
