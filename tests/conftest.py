@@ -68,3 +68,13 @@ def http_server() -> Iterator[LocalHTTPServer]:
     server = LocalHTTPServer()
     yield server
     server.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[str]:
+    """A real redis-server for one test; its URL."""
+    from redis_process import RedisProcess
+
+    server = RedisProcess(tmp_path)
+    yield server.url
+    server.close()
