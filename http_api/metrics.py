@@ -10,12 +10,17 @@ only: it never waits on the model or the queue.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from flask import Blueprint, Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from captioning.metrics import UNMATCHED_ROUTE
 from http_api.context import current_runtime
+
+if TYPE_CHECKING:
+    from http_api.openapi import ApiPart
+    from settings import Settings
 
 bp = Blueprint("metrics", __name__)
 
@@ -26,6 +31,28 @@ def metrics() -> Response:
     return Response(
         body, headers={"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store"}
     )
+
+
+def openapi_part(settings: Settings) -> ApiPart:
+    """`/metrics` in the OpenAPI document (collected by http_api/openapi.py)."""
+    from http_api.openapi import ApiPart
+
+    op = {
+        "tags": ["operations"],
+        "operationId": "metrics",
+        "summary": "Prometheus metrics",
+        "description": (
+            "Every metric of this process in the Prometheus text exposition format; "
+            "docs/operations.md lists them with their meaning. Never waits for the model."
+        ),
+        "responses": {
+            "200": {
+                "description": "The metrics",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    }
+    return ApiPart(paths={"/metrics": {"get": op}})
 
 
 def register(app: Flask) -> None:
