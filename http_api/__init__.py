@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from flask import Flask
 
-from http_api import analyze, context, cors, errors, health, metrics, page, request_log
+from http_api import analyze, context, cors, docs, errors, health, metrics, page, request_log
 from http_api.envelope import start_clock
 
 if TYPE_CHECKING:
@@ -35,5 +35,5 @@ def init_app(app: Flask, runtime: Runtime) -> None:
     app.before_request(start_clock)
     cors.register(app, settings.cors_origins)
     errors.register(app, settings.max_file_size)
-    for blueprint in (analyze.bp, health.bp, metrics.bp, page.bp):
+    for blueprint in (analyze.bp, docs.bp, health.bp, metrics.bp, page.bp):
         app.register_blueprint(blueprint)

@@ -1,0 +1,538 @@
+"""The OpenAPI 3.1 document (`GET /openapi.json`) and Swagger UI (`GET /docs`), issue 8 items 1-2.
+
+The document must be valid OpenAPI 3.1, cover every route the app really serves, take its option
+ranges from `captioning.options.OPTIONS`, and describe what the service really answers: real
+requests to a real waitress server (tiny-shapes model) are checked against the schema the
+document gives for that route and status. Swagger UI is driven in Debian's headless Chromium
+through Playwright: "Try it out" with a PNG upload must caption.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import OpenAPIV31SpecValidator
+from test_browser_page import CHROMIUM, CHROMIUM_ARGS, WAIT_MS
+
+from captioning.options import OPTIONS, TAGS
+from test_rest_api import post_like_orchestrator, two_red_circles
+
+JSON = "application/json"
+IGNORED_METHODS = {"HEAD", "OPTIONS"}  # answered by every route (Flask, CORS); see info
+CIRCLES = "Two red circles on a gray background"
+
+
+@pytest.fixture
+def server(serve_app, base_settings):
+    return serve_app(base_settings)
+
+
+def fetch_document(base: str) -> dict[str, Any]:
+    resp = requests.get(base + "/openapi.json", timeout=10)
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"].startswith(JSON)
+    return resp.json()
+
+
+@pytest.fixture
+def doc(server) -> dict[str, Any]:
+    return fetch_document(server.url)
+
+
+def schema_validator(doc: dict[str, Any], schema: dict[str, Any]) -> Draft202012Validator:
+    """A JSON Schema 2020-12 validator whose `#/components/...` refs resolve in `doc`."""
+    return Draft202012Validator({**schema, "components": doc["components"]})
+
+
+def assert_matches(doc: dict[str, Any], path: str, method: str, resp: requests.Response) -> None:
+    """The response's status, media type, headers and body are what the document says."""
+    operation = doc["paths"][path][method.lower()]
+    label = f"{method} {path} → {resp.status_code}: {resp.text[:300]}"
+    assert str(resp.status_code) in operation["responses"], f"undocumented status: {label}"
+    documented = operation["responses"][str(resp.status_code)]
+    media_type = resp.headers["Content-Type"].split(";")[0].strip()
+    assert media_type in documented["content"], f"undocumented media type {media_type}: {label}"
+    for name, header in documented.get("headers", {}).items():
+        assert name in resp.headers or not header.get("required"), f"{name} missing: {label}"
+    if "Retry-After" in resp.headers:
+        assert "Retry-After" in documented.get("headers", {}), f"undocumented header: {label}"
+    if media_type == JSON:
+        schema = documented["content"][JSON]["schema"]
+        errors = [e.message for e in schema_validator(doc, schema).iter_errors(resp.json())]
+        assert not errors, f"{label}\n" + "\n".join(errors)
+
+
+def flask_path(rule: str) -> str:
+    """`/v3/jobs/<job_id>` or `/x/<int:n>` → OpenAPI's `/v3/jobs/{job_id}`, `/x/{n}`."""
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)
+
+
+# ----------------------------------------------------------------------------- the document
+
+
+def test_document_is_valid_openapi_3_1_and_built_once(server) -> None:
+    doc = fetch_document(server.url)
+    assert doc["openapi"].startswith("3.1")
+    OpenAPIV31SpecValidator(doc).validate()
+    from http_api import openapi
+
+    built = server.app.extensions[openapi.EXTENSION]
+    assert fetch_document(server.url) == doc
+    assert server.app.extensions[openapi.EXTENSION] is built  # cached per app, not rebuilt
+
+
+def test_every_route_and_method_is_documented(server, doc) -> None:
+    """Any URL rule the app serves (static files aside) without a path in the document fails
+    here, and so does a documented path the app does not serve."""
+    served = set()
+    for rule in server.app.url_map.iter_rules():
+        if rule.endpoint == "static" or rule.endpoint.endswith(".static"):
+            continue
+        for method in set(rule.methods or ()) - IGNORED_METHODS:
+            served.add((flask_path(rule.rule), method.lower()))
+    documented = {(path, method) for path, item in doc["paths"].items() for method in item}
+    assert served - documented == set(), "routes missing from /openapi.json"
+    assert documented - served == set(), "documented routes the app does not serve"
+    expected = {
+        ("/analyze", "get"),
+        ("/analyze", "post"),
+        ("/v3/analyze", "get"),
+        ("/v3/analyze", "post"),
+        ("/health", "get"),
+        ("/", "get"),
+        ("/openapi.json", "get"),
+        ("/docs", "get"),
+    }
+    assert expected <= documented
+
+
+def test_routes_added_later_describe_themselves(base_settings, monkeypatch) -> None:
+    """A new blueprint module contributes its paths and schemas (function or static form), an
+    app-level route through add_part; the same operation defined twice is an error."""
+    import types
+
+    from flask import Blueprint
+
+    from captioning.errors import InvalidRequest, Overloaded
+    from captioning.runtime import Runtime
+    from http_api import openapi
+    from REST import create_app
+
+    batch = types.ModuleType("blip2_test_batch")
+    batch.openapi_part = lambda settings: openapi.ApiPart(  # type: ignore[attr-defined]
+        paths={
+            "/v3/batch": {
+                "post": {
+                    "operationId": "batch",
+                    "responses": {
+                        "200": openapi.json_response("done", "BatchResult"),
+                        **openapi.error_responses(InvalidRequest, Overloaded),
+                    },
+                }
+            }
+        },
+        schemas={"BatchResult": {"type": "object"}},
+    )
+    jobs = types.ModuleType("blip2_test_jobs")
+    jobs.OPENAPI_PATHS = {  # type: ignore[attr-defined]
+        "/v3/jobs/{job_id}": {
+            "get": {
+                "parameters": [
+                    {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {"200": {"description": "a job"}},
+            }
+        }
+    }
+    monkeypatch.setitem(sys.modules, batch.__name__, batch)
+    monkeypatch.setitem(sys.modules, jobs.__name__, jobs)
+
+    runtime = Runtime(base_settings)
+    app = create_app(runtime)
+    app.register_blueprint(Blueprint("batch", batch.__name__))
+    app.register_blueprint(Blueprint("jobs", jobs.__name__))
+    openapi.add_part(
+        app,
+        lambda settings: openapi.ApiPart(
+            paths={"/metrics-x": {"get": {"responses": {"200": {"description": "text"}}}}}
+        ),
+    )
+    try:
+        doc = openapi.document(app, base_settings)
+        OpenAPIV31SpecValidator(doc).validate()
+        assert {"/v3/batch", "/v3/jobs/{job_id}", "/metrics-x", "/analyze"} <= set(doc["paths"])
+        assert "BatchResult" in doc["components"]["schemas"]
+        batch_responses = doc["paths"]["/v3/batch"]["post"]["responses"]
+        assert set(batch_responses) == {"200", "400", "500", "503"}
+        assert "Retry-After" in batch_responses["503"]["headers"]  # Overloaded, per HTTP_TABLE
+        twice = [openapi.BUILTIN_PARTS["health"], openapi.BUILTIN_PARTS["health"]]
+        assert openapi.build(twice, base_settings)["paths"]["/health"]  # equal: merged
+        clash = openapi.ApiPart(paths={"/health": {"get": {"responses": {}}}})
+        with pytest.raises(ValueError, match="defined twice"):
+            openapi.build([openapi.BUILTIN_PARTS["health"], lambda s: clash], base_settings)
+    finally:
+        runtime.stop()
+
+
+def test_analyze_operations_describe_every_input(doc) -> None:
+    options = {spec.name: spec for spec in (*OPTIONS, TAGS)}
+    for path in ("/analyze", "/v3/analyze"):
+        for method in ("get", "post"):
+            operation = doc["paths"][path][method]
+            params = {p["name"]: p for p in operation["parameters"]}
+            assert list(params) == ["url", "file", *options], (path, method)
+            assert all(p["in"] == "query" and not p["required"] for p in params.values())
+            for name, spec in options.items():
+                schema = params[name]["schema"]
+                assert schema["default"] == spec.default, name
+                low = "exclusiveMinimum" if spec.exclusive_minimum else "minimum"
+                assert schema.get(low) == spec.minimum, name
+                assert schema.get("maximum") == spec.maximum, name
+                assert schema.get("maxLength") == spec.max_chars, name
+                assert spec.help in params[name]["description"], name
+            statuses = set(operation["responses"])
+            assert statuses == {"200", "400", "403", "413", "500", "503"}, (path, method)
+            assert "Retry-After" in operation["responses"]["503"]["headers"]
+    body = doc["paths"]["/analyze"]["post"]["requestBody"]
+    assert not body["required"]
+    assert set(body["content"]) == {
+        "multipart/form-data",
+        "image/jpeg",
+        "image/png",
+        "image/webp",
+        "application/octet-stream",
+    }
+    assert body["content"]["multipart/form-data"]["schema"]["required"] == ["file"]
+    assert "requestBody" not in doc["paths"]["/analyze"]["get"]
+
+
+def test_documented_option_ranges_are_what_the_service_accepts(server, doc) -> None:
+    """Each option at its documented bounds is accepted and just beyond them refused, naming
+    the option. A missing `file=` keeps the model out of it: accepted options fail later, with
+    `File not found`."""
+    missing = "/nonexistent/blip2-openapi-test.png"
+    params = doc["paths"]["/analyze"]["get"]["parameters"]
+    options = {p["name"]: p["schema"] for p in params if p["name"] not in ("url", "file")}
+    longest = str(options["max_length"]["maximum"])
+
+    def verdict(name: str, value: str) -> str:
+        query = {"file": missing, name: value}
+        for companion, companion_value in (("sampling", "true"), ("max_length", longest)):
+            query.setdefault(companion, companion_value)
+        resp = requests.get(server.url + "/analyze", params=query, timeout=10)
+        assert resp.status_code == 400, resp.text
+        message = resp.json()["error"]["message"]
+        if message == f"File not found: {missing}":
+            return "accepted"
+        assert message.startswith(name), (name, value, message)
+        return "refused"
+
+    for name, schema in options.items():
+        accepted, refused = bounds(schema)
+        for value in accepted:
+            assert verdict(name, value) == "accepted", (name, value)
+        for value in refused:
+            assert verdict(name, value) == "refused", (name, value)
+
+
+def test_every_documented_option_edge_captions(server, doc) -> None:
+    """What the document allows, the service must serve: each option at each documented edge
+    (with the companions that make the combination valid) captions a real image with 200. The
+    longest documented prompt may be refused with a 400 naming an option (the prompt must leave
+    room under max_length), never with a 5xx."""
+    image = two_red_circles()
+    params = doc["paths"]["/analyze"]["post"]["parameters"]
+    options = {p["name"]: p["schema"] for p in params if p["name"] not in ("url", "file")}
+    companions = {
+        "num_captions": {"num_beams": options["num_beams"]["maximum"]},
+        "min_length": {"max_length": options["max_length"]["maximum"]},
+        "top_p": {"sampling": "true"},
+    }
+
+    def caption(query: dict[str, Any]) -> requests.Response:
+        return requests.post(
+            server.url + "/analyze",
+            params=query,
+            data=image,
+            headers={"Content-Type": "image/png"},
+            timeout=30,
+        )
+
+    failures = []
+    for name, schema in options.items():
+        if schema["type"] not in ("integer", "number"):
+            continue
+        low = schema.get("minimum", schema.get("exclusiveMinimum", 0) + 1e-9)
+        for value in (low, schema["maximum"]):
+            query = {name: value, **companions.get(name, {})}
+            resp = caption(query)
+            if resp.status_code != 200:
+                failures.append(f"{query} → {resp.status_code} {resp.text[:120]}")
+    words = ("red " * options["prompt"]["maxLength"])[: options["prompt"]["maxLength"]]
+    longest = caption({"prompt": words})
+    if longest.status_code != 200 and not (
+        longest.status_code == 400
+        and longest.json()["error"]["message"].startswith(("max_length", "prompt"))
+    ):
+        failures.append(f"longest prompt → {longest.status_code} {longest.text[:120]}")
+    assert not failures, "\n".join(failures)
+
+
+def bounds(schema: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Query values the schema allows at its edges, and values just outside them."""
+    kind = schema["type"]
+    if kind == "boolean":
+        return ["true", "false"], ["maybe"]
+    if kind == "string":
+        return ["a" * schema["maxLength"]], ["a" * (schema["maxLength"] + 1)]
+    step = 1 if kind == "integer" else 0.001
+    accepted, refused = [str(schema["default"]), str(schema["maximum"])], []
+    refused.append(str(schema["maximum"] + step))
+    if "exclusiveMinimum" in schema:
+        accepted.append(str(schema["exclusiveMinimum"] + step))
+        refused.append(str(schema["exclusiveMinimum"]))
+    else:
+        accepted.append(str(schema["minimum"]))
+        refused.append(str(schema["minimum"] - step))
+    if kind == "integer":
+        refused.append("1.5")
+    return accepted, refused
+
+
+def test_every_example_matches_its_schema(doc) -> None:
+    for schema in doc["components"]["schemas"].values():
+        for example in schema.get("examples", []):
+            schema_validator(doc, schema).validate(example)
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            for status, response in operation["responses"].items():
+                for media in response.get("content", {}).values():
+                    for example in media.get("examples", {}).values():
+                        errors = list(
+                            schema_validator(doc, media["schema"]).iter_errors(example["value"])
+                        )
+                        assert not errors, (path, method, status, errors[0].message)
+
+
+# ----------------------------------------------------------------------------- real responses
+
+
+def test_success_and_input_errors_match_the_document(server, doc, http_server, tmp_path) -> None:
+    image = two_red_circles()
+    (tmp_path / "circles.png").write_bytes(image)
+    http_server.set("/circles.png", image, headers={"Content-Type": "image/png"})
+    base = server.url
+    for path in ("/analyze", "/v3/analyze"):
+        resp = post_like_orchestrator(base, image, path)
+        assert resp.json()["predictions"][0]["text"] == CIRCLES
+        assert_matches(doc, path, "POST", resp)
+        again = post_like_orchestrator(base, image, path)
+        assert again.json()["metadata"].get("cached") is True
+        assert_matches(doc, path, "POST", again)
+    calls: list[tuple[str, str, dict[str, Any], int]] = [
+        ("GET", "/analyze", {"params": {"file": str(tmp_path / "circles.png")}}, 200),
+        ("GET", "/v3/analyze", {"params": {"url": http_server.url("/circles.png")}}, 200),
+        ("POST", "/analyze", {"data": image, "headers": {"Content-Type": "image/png"}}, 200),
+        (
+            "POST",
+            "/v3/analyze",
+            {"data": image, "headers": {"Content-Type": "application/octet-stream"}},
+            200,
+        ),
+        (
+            "GET",
+            "/analyze",
+            {"params": {"file": str(tmp_path / "circles.png"), "num_captions": 3}},
+            200,
+        ),
+        ("GET", "/analyze", {}, 400),  # no input
+        ("GET", "/v3/analyze", {"params": {"url": "http://a/b.png", "file": "/x"}}, 400),
+        ("GET", "/analyze", {"params": {"file": "/x", "num_beams": 99}}, 400),
+        ("GET", "/analyze", {"params": {"file": str(tmp_path / "nope.png")}}, 400),
+        ("GET", "/analyze", {"params": {"url": http_server.url("/missing.png")}}, 400),
+        ("POST", "/analyze", {"data": b"text", "headers": {"Content-Type": "image/jpeg"}}, 400),
+        ("POST", "/analyze", {"data": b"", "headers": {"Content-Type": "image/png"}}, 400),
+        ("POST", "/v3/analyze", {"files": {"file": ("notes.txt", image, "text/plain")}}, 400),
+        ("POST", "/v3/analyze", {"files": {"file": ("image.jpg", b"nope", "image/jpeg")}}, 400),
+    ]
+    for method, path, kw, status in calls:
+        resp = requests.request(method, base + path, timeout=30, **kw)
+        assert resp.status_code == status, (method, path, kw.get("params"), resp.text)
+        assert_matches(doc, path, method, resp)
+
+
+def test_limit_errors_match_the_document(serve_app, base_settings, tmp_path) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "ok.png").write_bytes(two_red_circles())
+    (tmp_path / "outside.png").write_bytes(two_red_circles())
+    settings = base_settings.with_overrides(max_file_size=5_000, file_roots=(root.resolve(),))
+    server = serve_app(settings)
+    doc = fetch_document(server.url)
+    assert "FILE_ROOTS" in doc["paths"]["/analyze"]["get"]["description"]
+    assert "5000 bytes" in doc["paths"]["/analyze"]["post"]["requestBody"]["description"]
+    denied = requests.get(
+        server.url + "/analyze", params={"file": str(tmp_path / "outside.png")}, timeout=10
+    )
+    assert denied.status_code == 403
+    assert_matches(doc, "/analyze", "GET", denied)
+    big = b"\0" * 20_000
+    for resp in (
+        post_like_orchestrator(server.url, big, "/v3/analyze"),
+        requests.post(
+            server.url + "/v3/analyze", data=big, headers={"Content-Type": "image/png"}, timeout=10
+        ),
+    ):
+        assert resp.status_code == 413
+        assert_matches(doc, "/v3/analyze", "POST", resp)
+
+
+def test_unready_service_matches_the_document(base_settings) -> None:
+    """Loading, failed and draining: /health and /analyze answer 503 as documented."""
+    from captioning.runtime import Runtime
+    from REST import create_app
+    from servers import RunningServer
+
+    runtime = Runtime(base_settings)  # not started: the model is loading
+    server = RunningServer(create_app(runtime))
+    try:
+        doc = fetch_document(server.url)
+        states = []
+        for change in (lambda: None, lambda: runtime.model.set_failed("checkpoint missing")):
+            change()
+            health = requests.get(server.url + "/health", timeout=2)
+            assert health.status_code == 503
+            assert_matches(doc, "/health", "GET", health)
+            resp = post_like_orchestrator(server.url, two_red_circles())
+            assert resp.status_code == 503 and "Retry-After" in resp.headers
+            assert_matches(doc, "/analyze", "POST", resp)
+            states.append((health.json()["status"], resp.json()["status"]))
+        assert states == [("loading", "loading"), ("error", "error")]
+    finally:
+        server.close()
+        runtime.stop()
+
+
+def test_health_and_pages_match_the_document(server, doc) -> None:
+    health = requests.get(server.url + "/health", timeout=2)
+    assert health.status_code == 200
+    assert_matches(doc, "/health", "GET", health)
+    for path in ("/", "/docs", "/openapi.json"):
+        resp = requests.get(server.url + path, timeout=10)
+        assert resp.status_code == 200
+        assert_matches(doc, path, "GET", resp)
+    server.runtime.begin_drain()
+    draining = requests.get(server.url + "/health", timeout=2)
+    assert draining.status_code == 503 and draining.json()["status"] == "draining"
+    assert_matches(doc, "/health", "GET", draining)
+
+
+def test_unknown_route_wrong_method_and_crash_answer_the_error_envelope(base_settings) -> None:
+    """404/405 (any route) and an unexpected exception (500) carry the documented envelope."""
+    from captioning.runtime import Runtime
+    from REST import create_app
+    from servers import RunningServer
+
+    runtime = Runtime(base_settings)
+    app = create_app(runtime)
+
+    def crash() -> None:
+        raise RuntimeError("a bug of ours, with /secret/internals")
+
+    app.add_url_rule("/crash", "crash", crash)  # only in this app: a view that fails
+    server = RunningServer(app)
+    try:
+        doc = fetch_document(server.url)
+        envelope = schema_validator(doc, {"$ref": "#/components/schemas/ErrorEnvelope"})
+        for method, path, status in (
+            ("GET", "/nope", 404),
+            ("DELETE", "/analyze", 405),
+            ("POST", "/health", 405),
+            ("GET", "/crash", 500),
+        ):
+            resp = requests.request(method, server.url + path, timeout=10)
+            assert resp.status_code == status
+            envelope.validate(resp.json())
+            assert "internals" not in resp.text
+        crash_schema = doc["paths"]["/analyze"]["get"]["responses"]["500"]["content"][JSON]
+        schema_validator(doc, crash_schema["schema"]).validate(resp.json())
+    finally:
+        server.close()
+        runtime.stop()
+
+
+# ----------------------------------------------------------------------------- Swagger UI
+
+
+def test_docs_page_is_self_contained(server) -> None:
+    resp = requests.get(server.url + "/docs", timeout=10)
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/html")
+    html = resp.text
+    assert not re.search(r'(src|href)="(/|https?:|//)', html), "absolute URL in /docs"
+    assets = re.findall(r'(?:src|href)="(docs/static/[^"]+)"', html)
+    assert len(assets) == 5
+    for asset in assets:
+        got = requests.get(f"{server.url}/{asset}", timeout=10)
+        assert got.status_code == 200 and len(got.content) > 100, asset
+    version = requests.get(server.url + "/docs/static/VERSION", timeout=10).text.strip()
+    assert re.match(r"v?5\.", version), version  # Swagger UI 5 renders OpenAPI 3.1
+    policy = resp.headers["Content-Security-Policy"]
+    assert "script-src 'self' 'sha256-" in policy and "unsafe-eval" not in policy
+    assert '"validatorUrl": null' in html  # no request to validator.swagger.io
+
+
+@pytest.fixture(scope="module")
+def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            timeout=WAIT_MS,
+            viewport={"width": 1280, "height": 1000},
+        )
+        context.set_default_timeout(WAIT_MS)
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+def test_swagger_ui_try_it_out_captions_an_upload(chromium, server, tmp_path: Path) -> None:
+    image = tmp_path / "two-red-circles.png"
+    image.write_bytes(two_red_circles())
+    page = chromium.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"uncaught: {exc}"))
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    origins: set[str] = set()
+    page.on("request", lambda req: origins.add(re.sub(r"^(\w+://[^/]+).*", r"\1", req.url)))
+
+    page.goto(server.url + "/docs", timeout=WAIT_MS)
+    operation = page.locator("#operations-analyze-post_v3_analyze")
+    operation.locator(".opblock-summary").click()
+    operation.locator(".try-out__btn").click()
+    operation.locator("select#post_v3_analyze_requests_select").select_option("multipart/form-data")
+    operation.locator("input[type=file]").set_input_files(str(image))
+    operation.locator("button.execute").click()
+    answer = operation.locator(".live-responses-table tbody tr.response").first
+    answer.wait_for(timeout=WAIT_MS)
+
+    assert answer.locator(".response-col_status").inner_text().strip() == "200"
+    body = answer.locator(".response-col_description pre").first.inner_text()
+    assert f'"text": "{CIRCLES}"' in body, body
+    assert '"status": "success"' in body
+    assert problems == []
+    assert origins == {server.url}, origins  # nothing from a CDN or any other host
