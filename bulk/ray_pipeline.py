@@ -135,6 +135,7 @@ def _table(
             "sha256": pa.array([s.sha256 for s in staged], pa.string()),
             "captions": pa.array([captions.get(id(s), []) for s in staged], pa.list_(pa.string())),
             "error": pa.array([s.error for s in staged], pa.string()),
+            "worker": pa.array([os.getpid()] * len(staged), pa.int64()),
         }
     )
 
@@ -314,12 +315,15 @@ class RayRunner:
             num_gpus=self.plan.gpus_per_actor or None,
             num_cpus=self.plan.cpus_per_actor,
         )
+        workers: set[int] = set()
         try:
             for batch in captioned.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for row in batch.to_pylist():
+                    workers.add(row["worker"])
                     yield self._outcome(row)
         except self._ray.exceptions.RayError as exc:  # an actor could not start or died
             raise EngineError(f"Ray pipeline failed: {_first_line(exc)}") from None
+        log.info("ray: %d actor processes took part", len(workers))
 
     def _outcome(self, row: dict[str, Any]) -> Outcome:
         from captioning.predictions import predictions
