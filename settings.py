@@ -124,6 +124,19 @@ class Settings:
     mwe_url: str = DEFAULT_CONFIG_BASE + "mwe.txt"
     emoji_cache_dir: Path = PROJECT_ROOT / ".cache" / "emoji"
     emoji_refresh_seconds: float = 0.0
+    # Bulk captioning: /v3/batch (synchronous) and /v3/jobs (durable, asynchronous)
+    max_batch_items: int = 32
+    max_batch_bytes: int = 64 * 1024 * 1024
+    max_job_items: int = 10_000
+    max_job_bytes: int = 1024 * 1024 * 1024
+    jobs_dir: Path = PROJECT_ROOT / ".cache" / "jobs"
+    jobs_db: Path | None = None  # None: <jobs_dir>/jobs.db
+    jobs_ttl: float = 24 * 3600.0
+    jobs_disk_quota: int = 10 * 1024 * 1024 * 1024
+    max_jobs: int = 16
+    job_claim_timeout: float = 300.0
+    job_callback_attempts: int = 5
+    job_callback_backoff: float = 2.0
 
     @property
     def server_threads(self) -> int:
@@ -143,6 +156,11 @@ class Settings:
     @property
     def decode_slots(self) -> int:
         return self.decode_concurrency or (os.cpu_count() or 1)
+
+    @property
+    def jobs_db_path(self) -> Path:
+        """The job store's SQLite file: JOBS_DB, else jobs.db inside JOBS_DIR."""
+        return self.jobs_db or self.jobs_dir / "jobs.db"
 
     @property
     def bind_host(self) -> str:
@@ -234,6 +252,18 @@ class Settings:
         put("MWE_URL", "mwe_url", lambda n, r: r.strip())
         put("EMOJI_CACHE_DIR", "emoji_cache_dir", lambda n, r: Path(r.strip()).expanduser())
         put("EMOJI_REFRESH_SECONDS", "emoji_refresh_seconds", lambda n, r: _parse_float(n, r))
+        put("MAX_BATCH_ITEMS", "max_batch_items", lambda n, r: _parse_int(n, r, 1, 10_000))
+        put("MAX_BATCH_BYTES", "max_batch_bytes", lambda n, r: _parse_int(n, r, 1))
+        put("MAX_JOB_ITEMS", "max_job_items", lambda n, r: _parse_int(n, r, 1, 1_000_000))
+        put("MAX_JOB_BYTES", "max_job_bytes", lambda n, r: _parse_int(n, r, 1))
+        put("JOBS_DIR", "jobs_dir", lambda n, r: Path(r.strip()).expanduser())
+        put("JOBS_DB", "jobs_db", lambda n, r: _optional_path(r))
+        put("JOBS_TTL", "jobs_ttl", lambda n, r: _parse_float(n, r, 0.001))
+        put("JOBS_DISK_QUOTA", "jobs_disk_quota", lambda n, r: _parse_int(n, r, 0))
+        put("MAX_JOBS", "max_jobs", lambda n, r: _parse_int(n, r, 1, 100_000))
+        put("JOB_CLAIM_TIMEOUT", "job_claim_timeout", lambda n, r: _parse_float(n, r, 0.001))
+        put("JOB_CALLBACK_ATTEMPTS", "job_callback_attempts", lambda n, r: _parse_int(n, r, 1, 100))
+        put("JOB_CALLBACK_BACKOFF", "job_callback_backoff", lambda n, r: _parse_float(n, r, 0.0))
         return cls(**kw)
 
 

@@ -9,6 +9,13 @@ nothing about the model: it calls `run_batch(images, options)` (Hugging Face TGI
 apart from the model in the same way). Nor does it know about metrics: optional observer hooks
 hear how long each job waited in the queue (`on_dequeue`) and the size and model time of each
 batch that ran (`on_batch`); a failing hook is logged and never stops the worker.
+
+Two priorities, each with its own bounded queue: `interactive` (the default: HTTP callers) and
+`bulk` (job items). The worker starts a batch from the bulk queue only when no interactive
+request waits; interactive requests of the same group join a bulk-led batch while it gathers,
+and a gathering bulk batch gives way (goes back to the front of its queue) when an interactive
+request of another group arrives. So an interactive caller waits at most for the batch that is
+already running, never behind a job's backlog.
 """
 
 from __future__ import annotations
@@ -32,6 +39,10 @@ log = logging.getLogger(__name__)
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
+INTERACTIVE = "interactive"
+BULK = "bulk"
+PRIORITIES = (INTERACTIVE, BULK)
+
 
 class QueueFull(Overloaded):
     """The queue is at MAX_QUEUE; the caller should retry later."""
@@ -47,6 +58,7 @@ class _Job(Generic[Item, Result]):
     group: Hashable
     options: Any
     deadline: float
+    priority: str = INTERACTIVE
     future: Future[Result] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -82,19 +94,23 @@ class Batcher(Generic[Item, Result]):
         max_batch_size: int = 8,
         batch_wait_ms: int = 10,
         max_queue: int = 64,
+        max_bulk_queue: int | None = None,
         name: str = "inference-worker",
         on_batch: Callable[[int, float], None] | None = None,
         on_dequeue: Callable[[float], None] | None = None,
     ) -> None:
         """`on_batch(size, seconds)`: after each successful model call; `on_dequeue(seconds)`:
-        once per job, with the time it waited from `submit` until its batch started."""
+        once per job, with the time it waited from `submit` until its batch started.
+        `max_bulk_queue` bounds the bulk queue separately (default: `max_queue`)."""
         self._run_batch = run_batch
         self._on_batch = on_batch
         self._on_dequeue = on_dequeue
         self.max_batch_size = max(1, max_batch_size)
         self.batch_wait = max(0, batch_wait_ms) / 1000.0
         self.max_queue = max(1, max_queue)
+        self.max_bulk_queue = max(1, max_bulk_queue or max_queue)
         self._queue: deque[_Job[Item, Result]] = deque()
+        self._bulk: deque[_Job[Item, Result]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -112,8 +128,9 @@ class Batcher(Generic[Item, Result]):
         """Stop taking work, fail what is queued, and wait briefly for the running batch."""
         with self._cond:
             self._stopping = True
-            pending = list(self._queue)
+            pending = list(self._queue) + list(self._bulk)
             self._queue.clear()
+            self._bulk.clear()
             self._cond.notify_all()
         for job in pending:
             _fail(job.future, WorkerStopped("Service is shutting down"))
@@ -128,34 +145,60 @@ class Batcher(Generic[Item, Result]):
         """
         until = time.monotonic() + max(0.0, timeout)
         with self._cond:
-            while (self._queue or self.busy) and time.monotonic() < until:
+            while (self._queue or self._bulk or self.busy) and time.monotonic() < until:
                 self._cond.wait(timeout=min(0.05, max(0.0, until - time.monotonic())))
-            idle = not self._queue and not self.busy
+            idle = not self._queue and not self._bulk and not self.busy
         self.stop()
         return idle
 
     @property
     def depth(self) -> int:
-        """Requests waiting (not counting the batch being run)."""
+        """Interactive requests waiting (not counting the batch being run)."""
         return len(self._queue)
+
+    @property
+    def bulk_depth(self) -> int:
+        """Bulk (job) items waiting."""
+        return len(self._bulk)
 
     # -- client side -----------------------------------------------------------------------
 
-    def submit(self, item: Item, options: Any, group: Hashable, deadline: float) -> Future[Result]:
-        """Queue one item; raise QueueFull at once when the queue is at its bound."""
-        job: _Job[Item, Result] = _Job(item, group, options, deadline)
+    def submit(
+        self,
+        item: Item,
+        options: Any,
+        group: Hashable,
+        deadline: float,
+        priority: str = INTERACTIVE,
+    ) -> Future[Result]:
+        """Queue one item; raise QueueFull at once when its priority's queue is at its bound."""
+        if priority not in PRIORITIES:
+            raise ValueError(f"unknown priority {priority!r}")
+        job: _Job[Item, Result] = _Job(item, group, options, deadline, priority)
         with self._cond:
             if self._stopping:
                 raise WorkerStopped("Service is shutting down")
-            if len(self._queue) >= self.max_queue:
+            queue, bound = (
+                (self._bulk, self.max_bulk_queue)
+                if priority == BULK
+                else (self._queue, self.max_queue)
+            )
+            if len(queue) >= bound:
                 raise QueueFull("Server busy: too many requests queued, retry shortly")
-            self._queue.append(job)
+            queue.append(job)
             self._cond.notify_all()
         return job.future
 
-    def run(self, item: Item, options: Any, group: Hashable, deadline: float) -> Result:
+    def run(
+        self,
+        item: Item,
+        options: Any,
+        group: Hashable,
+        deadline: float,
+        priority: str = INTERACTIVE,
+    ) -> Result:
         """Submit and wait until the result is ready or `deadline` (time.monotonic) passes."""
-        future = self.submit(item, options, group, deadline)
+        future = self.submit(item, options, group, deadline, priority)
         try:
             return future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
@@ -166,42 +209,60 @@ class Batcher(Generic[Item, Result]):
     # -- worker side -----------------------------------------------------------------------
 
     def _take_batch(self) -> list[_Job[Item, Result]] | None:
-        """Block for the first job, then gather same-group jobs until the batch or wait is full."""
+        """Block for the first job (interactive before bulk), then gather same-group jobs until
+        the batch or the wait is full."""
         with self._cond:
-            while not self._stopping:
-                self._drop_dead_locked()
-                if self._queue:
-                    break
-                self._cond.wait(timeout=0.5)
-            if self._stopping:
+            while True:
+                while not self._stopping:
+                    self._drop_dead_locked()
+                    if self._queue or self._bulk:
+                        break
+                    self._cond.wait(timeout=0.5)
+                if self._stopping:
+                    return None
+                self.busy = True  # from the moment work leaves the queue (drain() watches this)
+                first = (self._queue or self._bulk).popleft()
+                batch = self._gather_locked(first)
+                if batch is not None:
+                    return batch
+                self.busy = False  # a bulk batch gave way to an interactive request
+
+    def _gather_locked(self, first: _Job[Item, Result]) -> list[_Job[Item, Result]] | None:
+        """`first` and the jobs that may share its batch; None when a bulk-led batch gives way
+        to an interactive request of another group (its jobs are back at their queues' fronts)."""
+        batch = [first]
+        bulk_led = first.priority == BULK
+        sources = (self._queue, self._bulk) if bulk_led else (self._queue,)
+        until = time.monotonic() + self.batch_wait
+        while len(batch) < self.max_batch_size:
+            self._drop_dead_locked()
+            if bulk_led and any(job.group != first.group for job in self._queue):
+                self._queue.extendleft(reversed([j for j in batch if j.priority != BULK]))
+                self._bulk.extendleft(reversed([j for j in batch if j.priority == BULK]))
                 return None
-            self.busy = True  # from the moment work leaves the queue (drain() watches this)
-            first = self._queue.popleft()
-            batch = [first]
-            until = time.monotonic() + self.batch_wait
-            while len(batch) < self.max_batch_size:
-                self._drop_dead_locked()
-                for job in list(self._queue):
+            for source in sources:
+                for job in list(source):
+                    if len(batch) == self.max_batch_size:
+                        break
                     if job.group == first.group:
-                        self._queue.remove(job)
+                        source.remove(job)
                         batch.append(job)
-                        if len(batch) == self.max_batch_size:
-                            break
-                remaining = until - time.monotonic()
-                if len(batch) == self.max_batch_size or remaining <= 0 or self._stopping:
-                    break
-                self._cond.wait(timeout=remaining)
-            return batch
+            remaining = until - time.monotonic()
+            if len(batch) == self.max_batch_size or remaining <= 0 or self._stopping:
+                break
+            self._cond.wait(timeout=remaining)
+        return batch
 
     def _drop_dead_locked(self) -> None:
         """Drop queued jobs that were cancelled or whose deadline passed (work not started)."""
         now = time.monotonic()
-        for job in list(self._queue):
-            if job.future.cancelled():
-                self._queue.remove(job)
-            elif job.deadline <= now:
-                self._queue.remove(job)
-                _fail(job.future, DeadlineExceeded("timed out waiting in the queue"))
+        for queue in (self._queue, self._bulk):
+            for job in list(queue):
+                if job.future.cancelled():
+                    queue.remove(job)
+                elif job.deadline <= now:
+                    queue.remove(job)
+                    _fail(job.future, DeadlineExceeded("timed out waiting in the queue"))
 
     def _loop(self) -> None:
         while True:

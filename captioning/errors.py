@@ -10,6 +10,7 @@ HTTP codes are a `status`.
 from __future__ import annotations
 
 RETRY_AFTER_SECONDS = 1
+JOBS_RETRY_AFTER_SECONDS = 30  # a full job queue frees up as jobs finish, not in a second
 
 
 class ServiceError(Exception):
@@ -52,6 +53,18 @@ class TooLarge(ImageInputError):
     """More bytes than MAX_FILE_SIZE (upload, download or file)."""
 
 
+class LimitExceeded(InvalidRequest):
+    """More items or bytes in one batch or job request than allowed (MAX_BATCH_ITEMS, ...)."""
+
+
+class TooManyJobs(ServiceError):
+    """As many jobs as allowed (MAX_JOBS) are queued or running; retry when one finishes."""
+
+
+class InsufficientStorage(ServiceError):
+    """Job storage is full (JOBS_DISK_QUOTA, free disk space or the job store's item bound)."""
+
+
 class NotFound(ServiceError):
     """A resource (for example a job) that does not exist."""
 
@@ -84,6 +97,9 @@ HTTP_TABLE: dict[type[ServiceError], tuple[int, dict[str, str]]] = {
     AccessDenied: (403, {}),
     NotFound: (404, {}),
     TooLarge: (413, {}),
+    LimitExceeded: (413, {}),
+    TooManyJobs: (429, {"Retry-After": str(JOBS_RETRY_AFTER_SECONDS)}),
+    InsufficientStorage: (507, {}),
     NotReady: (503, {"Retry-After": str(RETRY_AFTER_SECONDS)}),
     Overloaded: (503, {"Retry-After": str(RETRY_AFTER_SECONDS)}),
     DeadlineExceeded: (503, {}),

@@ -10,6 +10,10 @@ a Ray actor — so each gets the same order of steps and the same errors:
 
 Readiness comes first so a loading service answers 503 before it downloads anything; the cache
 is keyed by the raw bytes, so a hit skips decoding. Nothing here knows about HTTP.
+
+A caller with several images at once (a batch request) may split the call: :meth:`stage`
+every image first (read, cache, decode), then :meth:`finish` them together, so they reach the
+batcher at the same moment and share full model batches.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from captioning.batcher import INTERACTIVE
 from captioning.errors import DeadlineExceeded, too_large
 from captioning.options import GenerationOptions
 from captioning.predictions import predictions
@@ -48,7 +53,7 @@ class CaptionResult:
 
 
 @dataclass
-class _Staged:
+class Staged:
     """An image read and looked up: cached captions, or the prepared model input."""
 
     sha256: str
@@ -88,15 +93,38 @@ class Pipeline:
         *,
         deadline: float,
         tags: bool = False,
+        priority: str = INTERACTIVE,
     ) -> CaptionResult:
-        """Caption one image; raises the errors of captioning/errors.py, nothing else."""
-        captioner, batcher = self.model.ready()
-        staged = self._stage(source, captioner, options, deadline)
+        """Caption one image; raises the errors of captioning/errors.py, nothing else.
+        `priority`: ``interactive`` (callers waiting) or ``bulk`` (job items; served by the
+        batcher only when no interactive request waits)."""
+        staged = self.stage(source, options, deadline=deadline)
+        return self.finish(staged, options, deadline=deadline, tags=tags, priority=priority)
+
+    def stage(self, source: ImageSource, options: GenerationOptions, *, deadline: float) -> Staged:
+        """Everything before the model: readiness, read, cache lookup, decode."""
+        captioner, _ = self.model.ready()
+        captioner.check_options(options)  # 400 before any download or decode
+        return self._stage(source, captioner, options, deadline)
+
+    def finish(
+        self,
+        staged: Staged,
+        options: GenerationOptions,
+        *,
+        deadline: float,
+        tags: bool = False,
+        priority: str = INTERACTIVE,
+    ) -> CaptionResult:
+        """The model (unless the cache answered), cache store and predictions of a staged image."""
+        _, batcher = self.model.ready()
         captions = staged.captions
         if captions is None:
             started = time.monotonic()
             try:
-                captions = batcher.run(staged.prepared, options, options.signature(), deadline)
+                captions = batcher.run(
+                    staged.prepared, options, options.signature(), deadline, priority
+                )
             except DeadlineExceeded:
                 raise DeadlineExceeded(
                     f"Request timed out after {self.request_timeout:g} s waiting for the model"
@@ -114,7 +142,7 @@ class Pipeline:
 
     def _stage(
         self, source: ImageSource, captioner: Captioner, options: GenerationOptions, deadline: float
-    ) -> _Staged:
+    ) -> Staged:
         """Read (downloads outside the decode slot, local bytes inside it), look up, decode."""
         started = time.monotonic()
         downloaded = None if source.local else source.read()
@@ -125,7 +153,7 @@ class Pipeline:
                 raise too_large(self.max_bytes)
             read_done = time.monotonic()
             key = cache_key(data, captioner.identity, options) if cacheable(options) else None
-            staged = _Staged(hashlib.sha256(data).hexdigest(), key)
+            staged = Staged(hashlib.sha256(data).hexdigest(), key)
             staged.timings["read"] = read_done - started
             staged.captions = self.cache.get(key) if key is not None else None
             if staged.captions is None:

@@ -5,8 +5,11 @@
     runtime.stop(drain_timeout=30)           # finish queued work, then stop everything
 
 Start order (one thread, "model-loader"): emoji config (bounded by TIMEOUT; falls back to the
-cache or the bundled default) → emoji refresh thread → model load and warm-up → batcher. Stop
-order is the reverse: batcher (drained) → emoji refresh → URL fetcher's DNS pool → result cache.
+cache or the bundled default) → emoji refresh thread → job store and spool (jobs can be submitted
+while the model loads) → model load and warm-up → batcher → job worker and job upkeep thread.
+Stop order is the reverse: job worker (claims nothing more, finishes and records the items it
+holds, releases the rest) and upkeep → batcher (drained) → emoji refresh → URL fetcher's DNS
+pool → result cache.
 Nothing else in the code base starts a thread that outlives a call (waitress owns its own
 request threads; REST.py owns waitress).
 """
@@ -18,6 +21,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from bulk.service import BulkService
 from captioning.batcher import Batcher
 from captioning.metrics import ServiceMetrics
 from captioning.model_state import ModelState
@@ -56,6 +60,7 @@ class Runtime:
         self.model = ModelState()
         self.metrics = ServiceMetrics(self)  # its own registry; states are read at scrape time
         self.pipeline = Pipeline(settings, self.model, self.cache, self.emoji)
+        self.bulk = BulkService(settings, self.pipeline, self.images)  # /v3/batch, /v3/jobs
         # Captioning requests inside the service at once (THREADS - 4): the rest is shed with
         # 503 at the door, so the threads kept for /health and /metrics are never taken.
         self.analyze_slots = threading.BoundedSemaphore(settings.analyze_slots)
@@ -80,6 +85,7 @@ class Runtime:
     def _load(self) -> None:
         self.emoji.load()
         self.emoji.start_refresh()
+        self.bulk.open()
         started = time.monotonic()
         try:
             captioner = self._given_captioner or self._load_captioner()
@@ -97,6 +103,8 @@ class Runtime:
             on_dequeue=self.metrics.observe_queue_wait,
         ).start()
         self.model.set_ready(captioner, batcher, time.monotonic() - started)
+        if not self._stopped:
+            self.bulk.start()
 
     def _load_captioner(self) -> Captioner:
         from blip2_model import Captioner
@@ -113,16 +121,18 @@ class Runtime:
         if not self.draining:
             log.info("draining: finishing accepted work")
         self.draining = True
+        self.bulk.begin_drain()
 
     def stop(self, drain_timeout: float = 0.0) -> bool:
         """Finish queued model work (up to `drain_timeout` s), then stop every part in reverse
         start order. Returns True when nothing queued was lost."""
         self.begin_drain()
         self._stopped = True
-        drained = True
+        until = time.monotonic() + drain_timeout
+        drained = self.bulk.stop(drain_timeout)
         batcher = self.model.batcher
         if batcher is not None:
-            drained = batcher.drain(drain_timeout)
+            drained = batcher.drain(max(0.0, until - time.monotonic())) and drained
         self.emoji.close()
         self.images.close()
         self.cache.close()

@@ -1,6 +1,7 @@
 """The HTTP edge: one blueprint module per part, wired onto an app by :func:`init_app`.
 
     analyze.py   /analyze, /v3/analyze           request_image.py  which image a request carries
+    batch.py     /v3/batch (several images)       jobs.py           /v3/jobs (async, durable)
     health.py    /health                         envelope.py       the v3 bodies
     page.py      /  (browser page, page_static/)
     errors.py    every error → envelope           cors.py           CORS headers
@@ -17,7 +18,19 @@ from typing import TYPE_CHECKING
 
 from flask import Flask
 
-from http_api import analyze, context, cors, docs, errors, health, metrics, page, request_log
+from http_api import (
+    analyze,
+    batch,
+    context,
+    cors,
+    docs,
+    errors,
+    health,
+    jobs,
+    metrics,
+    page,
+    request_log,
+)
 from http_api.envelope import start_clock
 
 if TYPE_CHECKING:
@@ -35,5 +48,5 @@ def init_app(app: Flask, runtime: Runtime) -> None:
     app.before_request(start_clock)
     cors.register(app, settings.cors_origins)
     errors.register(app, settings.max_file_size)
-    for blueprint in (analyze.bp, docs.bp, health.bp, metrics.bp, page.bp):
+    for blueprint in (analyze.bp, batch.bp, docs.bp, health.bp, jobs.bp, metrics.bp, page.bp):
         app.register_blueprint(blueprint)
