@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from captioning.errors import InvalidOption
 from captioning.options import GenerationOptions
 from model_spec import (
     TOKENIZER_DIRNAME,
@@ -301,6 +302,24 @@ class Captioner:
         dtype = self._torch.bfloat16 if self.precision == "bf16" else self._torch.float16
         return self._torch.autocast(self.device.split(":")[0], dtype=dtype)
 
+    def check_options(self, options: GenerationOptions) -> GenerationOptions:
+        """Validate options, including what depends on this model's tokenizer: the decoder
+        prompt (the model's own "a picture of " plus `prompt`) must leave room for at least
+        one generated token within max_length (beam search fails otherwise)."""
+        opts = options.validate()
+        used = self._prompt_ids(self._prompt_text(opts), 1).size(1)
+        if used >= opts.max_length:
+            raise InvalidOption(
+                "max_length",
+                f"max_length must be more than the {used} tokens of the decoder prompt "
+                f"(the model's {self.spec.prompt.strip()!r} plus prompt)",
+            )
+        return opts
+
+    def _prompt_text(self, opts: GenerationOptions) -> str:
+        extra = opts.prompt.strip()
+        return self.spec.prompt + extra + (" " if extra else "")
+
     def _prompt_ids(self, prompt_text: str, batch: int) -> torch.Tensor:
         """Token ids of the decoder prompt: [DEC] + prompt words (LAVIS drops the final [SEP])."""
         ids = self.tokenizer([prompt_text] * batch, return_tensors="pt").input_ids
@@ -317,7 +336,7 @@ class Captioner:
         self, prepared: Sequence[torch.Tensor], options: GenerationOptions | None = None
     ) -> list[list[str]]:
         """`caption` for images already through :meth:`prepare` (what the batcher queues)."""
-        opts = (options or GenerationOptions()).validate()
+        opts = self.check_options(options or GenerationOptions())
         if not prepared:
             return []
         pixels = self._torch.stack(list(prepared)).to(device=self.device, dtype=self.dtype)
@@ -328,7 +347,7 @@ class Captioner:
         return [texts[i * n : (i + 1) * n] for i in range(len(prepared))]
 
     def _decode(self, embeds: torch.Tensor, opts: GenerationOptions) -> list[str]:
-        prompt_text = self.spec.prompt + opts.prompt.strip() + (" " if opts.prompt.strip() else "")
+        prompt_text = self._prompt_text(opts)
         sampling = opts.use_nucleus_sampling
         if sampling and self.decode != "fast":
             # Independent samples: one row per caption (LAVIS repeats the image the same way);

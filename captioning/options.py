@@ -46,7 +46,7 @@ class OptionSpec:
             return f"{self.name} must be an integer from {self.minimum:g} to {self.maximum:g}"
         if self.exclusive_minimum:
             return f"{self.name} must be a number in ({self.minimum:g}, {self.maximum:g}]"
-        return f"{self.name} must be a number from {self.minimum:.1f} to {self.maximum:.1f}"
+        return f"{self.name} must be a number from {self.minimum:g} to {self.maximum:g}"
 
     def in_range(self, value: Any) -> bool:
         if self.kind is str:
@@ -95,7 +95,11 @@ MAX_PROMPT_CHARS = 200
 
 OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("num_beams", "num_beams", int, 3, "beam width", 1, MAX_BEAMS),
-    OptionSpec("max_length", "max_length", int, 30, "maximum caption tokens", 1, MAX_LENGTH),
+    # Counts the decoder prompt: the model's "[DEC] a picture of" is 4 tokens, so 5 is the
+    # least that leaves room for a word (a longer `prompt` needs more; the model checks).
+    OptionSpec(
+        "max_length", "max_length", int, 30, "maximum tokens, prompt included", 5, MAX_LENGTH
+    ),
     OptionSpec(
         "min_length", "min_length", int, 10, "minimum caption tokens (<= max_length)", 0, MAX_LENGTH
     ),
@@ -103,7 +107,14 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "sampling", "use_nucleus_sampling", bool, False, "nucleus sampling instead of beams"
     ),
     OptionSpec(
-        "top_p", "top_p", float, 0.9, "nucleus mass when sampling", 0.0, 1.0, exclusive_minimum=True
+        # Below 0.001 Hugging Face's top-p filter can leave no finite logit (NaN probabilities).
+        "top_p",
+        "top_p",
+        float,
+        0.9,
+        "nucleus mass when sampling",
+        0.001,
+        1.0,
     ),
     OptionSpec(
         "num_captions", "num_captions", int, 1, "captions per image (<= num_beams)", 1, MAX_CAPTIONS
