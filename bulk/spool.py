@@ -57,15 +57,8 @@ class Spool:
         self._in_progress = 0  # bytes written by uploads whose jobs are not stored yet
 
     def open(self) -> SpoolDir:
-        """A new, empty job directory (with its `.incomplete` marker)."""
-        path = self.root / secrets.token_hex(12)
-        try:
-            path.mkdir(parents=True)
-            (path / INCOMPLETE).touch()
-        except OSError as exc:
-            log.error("cannot create a spool directory under %s: %s", self.root, exc)
-            raise InsufficientStorage("job storage is unavailable; try again later") from None
-        return SpoolDir(self, path)
+        """A new job directory, created (with its `.incomplete` marker) on the first write."""
+        return SpoolDir(self, self.root / secrets.token_hex(12))
 
     def path_of(self, ref: str) -> Path | None:
         """The file a ``spool:`` input reference names, or None if it is not one."""
@@ -130,10 +123,21 @@ class SpoolDir:
         self.bytes = 0
         self._files = 0
         self._closed = False
+        self.created = False
 
     @property
-    def name(self) -> str:
-        return self.path.name
+    def name(self) -> str | None:
+        """The directory's name under the spool root; None while nothing was written."""
+        return self.path.name if self.created else None
+
+    def _create(self) -> None:
+        try:
+            self.path.mkdir(parents=True)
+            (self.path / INCOMPLETE).touch()
+        except OSError as exc:
+            log.error("cannot create a spool directory under %s: %s", self.spool.root, exc)
+            raise InsufficientStorage("job storage is unavailable; try again later") from None
+        self.created = True
 
     def write(self, stream: BinaryIO, *, max_bytes: int, total_cap: int) -> str:
         """Copy one upload into the directory; its input reference (``spool:<dir>/<n>``).
@@ -141,6 +145,8 @@ class SpoolDir:
         Raises TooLarge past `max_bytes` for this file, LimitExceeded past `total_cap` for the
         request, InsufficientStorage past the quota or the disk's free space.
         """
+        if not self.created:
+            self._create()
         target = self.path / str(self._files)
         self._files += 1
         written = 0
@@ -165,7 +171,7 @@ class SpoolDir:
                 log.error("spool write failed: %s", exc)
                 raise InsufficientStorage("job storage is unavailable; try again later") from None
             raise
-        return f"{REF_PREFIX}{self.name}/{target.name}"
+        return f"{REF_PREFIX}{self.path.name}/{target.name}"
 
     def write_bytes(self, data: bytes, *, total_cap: int) -> str:
         """Like :meth:`write`, for bytes already in memory (zip entries)."""
@@ -177,8 +183,9 @@ class SpoolDir:
             return
         self._closed = True
         self.spool._release(self.bytes)
-        with contextlib.suppress(OSError):
-            os.unlink(self.path / INCOMPLETE)
+        if self.created:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path / INCOMPLETE)
 
     def discard(self) -> None:
         """The request failed: remove everything written."""
@@ -186,4 +193,5 @@ class SpoolDir:
             return
         self._closed = True
         self.spool._release(self.bytes)
-        shutil.rmtree(self.path, ignore_errors=True)
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
