@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bulk.cli_job import EXIT_FAILED, PROG, CliJob, JobError
+from bulk.cli_job import PROG, CliJob, JobError
 from captioning.errors import InvalidOption
 from captioning.options import OPTIONS, TAGS, GenerationOptions, OptionSpec
 from settings import PRECISIONS, Settings, SettingsError
@@ -242,4 +242,4 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return job.run()
     except JobError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return exc.exit_code

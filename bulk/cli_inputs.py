@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from image_input.sources import ALLOWED_EXTENSIONS
 
@@ -145,9 +145,8 @@ def read_list(path: Path) -> Iterator[Input]:
             yield entry(stripped, base)
 
 
-def parquet_column(path: Path, column: str) -> Iterator[Input]:
-    """The entries of one string column of a Parquet file (``--parquet FILE --column NAME``):
-    URLs and paths as in a list file; empty cells skipped. Read one row group at a time."""
+def _open_parquet(path: Path, column: str) -> Any:
+    """The Parquet file, checked to have `column`; InputError otherwise."""
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
@@ -159,8 +158,26 @@ def parquet_column(path: Path, column: str) -> Iterator[Input]:
     if column not in parquet.schema_arrow.names:
         names = ", ".join(parquet.schema_arrow.names)
         raise InputError(f"{path} has no column {column!r} (columns: {names})")
-    base = path.resolve().parent
-    for group in range(parquet.num_row_groups):
+    return parquet
+
+
+def _cells(parquet: Any, column: str) -> Iterator[str]:
+    for group in range(parquet.num_row_groups):  # one row group in memory at a time
         for value in parquet.read_row_group(group, columns=[column]).column(0).to_pylist():
             if isinstance(value, str) and value.strip():
-                yield entry(value.strip(), base)
+                yield value.strip()
+
+
+def parquet_column(path: Path, column: str) -> Iterator[Input]:
+    """The entries of one string column of a Parquet file (``--parquet FILE --column NAME``):
+    URLs and paths as in a list file (relative to the file's folder); empty cells skipped."""
+    parquet = _open_parquet(path, column)
+    base = path.resolve().parent
+    for value in _cells(parquet, column):
+        yield entry(value, base)
+
+
+def parquet_count(path: Path, column: str) -> int:
+    """How many entries :func:`parquet_column` would give (for a progress bar's total)."""
+    parquet = _open_parquet(path, column)
+    return sum(1 for _ in _cells(parquet, column))

@@ -16,6 +16,7 @@ from bulk.cli_inputs import Input, InputError, expand, parquet_column
 from bulk.cli_local import LocalRunner
 from bulk.cli_output import open_sink
 from bulk.cli_progress import EngineError, Outcome, Summary, progress_bar, record
+from captioning.errors import InvalidOption
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -24,11 +25,15 @@ if TYPE_CHECKING:
     from settings import Settings
 
 PROG = "caption"
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class JobError(Exception):
     """The run cannot start (unreadable list, unwritable output, no model); said on stderr."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class Engine(Protocol):
@@ -98,14 +103,16 @@ class CliJob:
         summary = Summary(total=len(inputs), unmatched=unmatched)
         bar = None
         try:
-            engine.start()
             summary.total = engine.count(inputs)
+            engine.start()
             bar = progress_bar(summary.total, enabled=not self.args.quiet)
             record(engine.outcomes(inputs, sink.done), sink, summary, bar, limit=self.args.limit)
         except KeyboardInterrupt:
             summary.interrupted = True
-        except EngineError as exc:
+        except (EngineError, InputError) as exc:
             raise JobError(str(exc)) from None
+        except InvalidOption as exc:  # options this model cannot serve (prompt vs max_length)
+            raise JobError(exc.message, EXIT_USAGE) from None
         finally:
             if bar is not None:
                 bar.close()

@@ -56,13 +56,16 @@ class LocalRunner:
         self.runtime: Runtime | None = None
 
     def start(self) -> None:
-        """Load the emoji config and the model (blocking); ModelUnavailable when it fails."""
+        """Load the emoji config and the model (blocking); ModelUnavailable when it fails,
+        InvalidOption when the options do not suit this model."""
         from captioning.runtime import Runtime
 
         runtime = Runtime(self.settings).start(wait=True)
         self.runtime = runtime
         if runtime.model.state != "loaded":
             raise ModelUnavailable(f"model could not be loaded: {runtime.model.reason}")
+        captioner, _ = runtime.model.ready()
+        captioner.check_options(self.options)  # once, not as an error per image
 
     def stop(self) -> None:
         if self.runtime is not None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bulk.cli_inputs import Input, entry
+from bulk.cli_inputs import Input, entry, parquet_count
 from bulk.cli_progress import EngineError, Outcome
 from captioning.errors import ServiceError
 
@@ -78,6 +78,7 @@ class CaptionActor:
         from image_input.sources import ImageReader
 
         self.captioner = Captioner.load(settings)
+        self.captioner.check_options(options)  # unfit options fail the run, not every batch
         self.images = ImageReader(settings)
         self.max_pixels = settings.max_image_pixels
         self.options = options
@@ -282,8 +283,9 @@ class RayRunner:
         )
 
     def count(self, inputs: list[Input]) -> int:
-        extra = self._parquet_dataset().count() if self.parquet else 0
-        return len(inputs) + extra
+        """Inputs in all; the Parquet column is counted here (one column, read row group by
+        row group) rather than by running the Ray pipeline twice. Checks the column exists."""
+        return len(inputs) + (parquet_count(*self.parquet) if self.parquet else 0)
 
     def _dataset(self, inputs: list[Input]) -> Any:
         rows = [{"kind": item.kind, "name": item.name} for item in inputs]

@@ -101,13 +101,23 @@ def run_cli(args: list[str], tmp: Path, env: dict[str, str], timeout: float = 24
     return proc
 
 
+_SHAPES: dict[str, Any] = {}
+
+
+def shared_shapes(tmp_path_factory, captioner) -> tuple[Path, dict[str, str], dict[str, Any]]:
+    """200 generated images, their scenes and the predictions the model gives each of them;
+    made once per test session (test_ray.py uses them too). Treat them as read-only."""
+    if not _SHAPES:
+        tmp = tmp_path_factory.mktemp("shapes")
+        scenes = make_folder(tmp / "images")
+        expected = expected_predictions(captioner, sorted(scenes), tmp)
+        _SHAPES.update(folder=tmp / "images", scenes=scenes, expected=expected)
+    return _SHAPES["folder"], _SHAPES["scenes"], _SHAPES["expected"]
+
+
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory, tiny_captioner):
-    """200 generated images and the predictions the model gives each of them."""
-    tmp = tmp_path_factory.mktemp("shapes")
-    scenes = make_folder(tmp / "images")
-    expected = expected_predictions(tiny_captioner, sorted(scenes), tmp)
-    return tmp / "images", scenes, expected
+    return shared_shapes(tmp_path_factory, tiny_captioner)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -203,23 +213,40 @@ def test_generation_flags_and_tags_reach_the_model(shapes, tmp_path, tiny_captio
     assert "6 captioned" in capsys.readouterr().err
 
 
+def test_options_the_model_cannot_serve_stop_the_run_once(shapes, tmp_path, capsys):
+    """A prompt that leaves no room within max_length: one clear error (exit 2), not one
+    error per image."""
+    from bulk.cli import main
+
+    _, scenes, _ = shapes
+    out = tmp_path / "o.jsonl"
+    args = [*sorted(scenes)[:3], "--out", str(out), "--max-length", "5", "--prompt", "three red"]
+    assert main([*args, "-q"], cli_env(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "max_length must be more than" in err and err.count("max_length") == 1
+    assert out.read_text() == ""
+
+
 def test_every_option_in_the_table_is_a_flag_with_its_range(capsys):
     from bulk.cli import build_parser, main
-    from captioning.options import OPTIONS, TAGS
+    from captioning.errors import InvalidOption
+    from captioning.options import BY_NAME, OPTIONS, TAGS, GenerationOptions
 
     help_text = build_parser().format_help()
     for spec in (*OPTIONS, TAGS):
         assert "--" + spec.name.replace("_", "-") in help_text
-    with pytest.raises(SystemExit) as exc:
-        main(["x.png", "--num-beams", "11"], {})
-    assert exc.value.code == 2
-    assert "num_beams must be an integer from 1 to 10" in capsys.readouterr().err
+    # Out of range: exit 2 with the option table's own message.
+    for flag, value, name in (("--num-beams", "11", "num_beams"), ("--top-p", "0", "top_p")):
+        with pytest.raises(SystemExit) as exc:
+            main(["x.png", flag, value], {})
+        assert exc.value.code == 2
+        assert BY_NAME[name].message() in capsys.readouterr().err
+    # Options that do not fit together: the same check as the API's.
+    with pytest.raises(InvalidOption) as expected:
+        GenerationOptions(num_beams=2, num_captions=3).validate()
     with pytest.raises(SystemExit):
         main(["x.png", "--num-beams", "2", "--num-captions", "3"], {})
-    assert "num_captions must be at most num_beams (2)" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["x.png", "--top-p", "0"], {})
-    assert "top_p must be a number in (0, 1]" in capsys.readouterr().err
+    assert expected.value.message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([], {})
     assert "give at least one INPUT" in capsys.readouterr().err

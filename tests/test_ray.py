@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import cli_env, expected_predictions, make_folder, run_cli
+from test_cli import cli_env, run_cli, shared_shapes
 
 import tiny_shapes
 
@@ -47,28 +47,26 @@ def ray_tmp():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_ray_two_actors_caption_every_image_once(tmp_path, ray_tmp, tiny_captioner):
+def test_ray_two_actors_caption_every_image_once(
+    tmp_path, tmp_path_factory, ray_tmp, tiny_captioner
+):
     """200 images (150 from a folder, 50 from a Parquet column of relative paths) on 2 actors,
     written as Parquet: every image exactly once, the same predictions as the in-process CLI
-    (whose reference is the same model called directly)."""
+    (whose reference is the same model called directly, on the same images)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from bulk.cli_output import read_parquet_rows
 
-    scenes = make_folder(tmp_path / "all", seed=91)
-    paths = sorted(scenes)
-    expected = expected_predictions(tiny_captioner, paths, tmp_path)
+    _, _, by_source = shared_shapes(tmp_path_factory, tiny_captioner)
+    paths = sorted(by_source)
     (tmp_path / "folder").mkdir()
     (tmp_path / "listed").mkdir()
-    for path in paths[:150]:
-        shutil.move(path, tmp_path / "folder" / Path(path).name)
-    for path in paths[150:]:
-        shutil.move(path, tmp_path / "listed" / Path(path).name)
-    expected = {
-        str(tmp_path / ("folder" if i < 150 else "listed") / Path(p).name): expected[p]
-        for i, p in enumerate(paths)
-    }
+    expected = {}
+    for i, path in enumerate(paths):
+        copy = tmp_path / ("folder" if i < 150 else "listed") / Path(path).name
+        shutil.copyfile(path, copy)
+        expected[str(copy)] = by_source[path]
     column = [f"listed/{Path(p).name}" for p in paths[150:]] + ["", "listed/missing.png"]
     pq.write_table(pa.table({"path": column}), tmp_path / "inputs.parquet")
     out = tmp_path / "captions.parquet"
