@@ -7,7 +7,7 @@ their own deadline. Requests whose generation options are equal are merged into 
 which requests may share a batch by giving them the same `group`). The worker knows
 nothing about the model: it calls `run_batch(images, options)` (Hugging Face TGI keeps its router
 apart from the model in the same way). Nor does it know about metrics: optional observer hooks
-hear how long each job waited in the queue (`on_dequeue`) and the size and model time of each
+hear how long each job waited in its queue (`on_dequeue`) and the size and model time of each
 batch that ran (`on_batch`); a failing hook is logged and never stops the worker.
 
 Two priorities, each with its own bounded queue: `interactive` (the default: HTTP callers) and
@@ -69,7 +69,7 @@ def _fail(future: Future[Any], exc: BaseException) -> None:
         future.set_exception(exc)
 
 
-def _notify(hook: Callable[..., None] | None, *args: float) -> None:
+def _notify(hook: Callable[..., None] | None, *args: Any) -> None:
     """Call an observer hook; its failure is logged, never raised into the worker."""
     if hook is None:
         return
@@ -97,10 +97,10 @@ class Batcher(Generic[Item, Result]):
         max_bulk_queue: int | None = None,
         name: str = "inference-worker",
         on_batch: Callable[[int, float], None] | None = None,
-        on_dequeue: Callable[[float], None] | None = None,
+        on_dequeue: Callable[[float, str], None] | None = None,
     ) -> None:
-        """`on_batch(size, seconds)`: after each successful model call; `on_dequeue(seconds)`:
-        once per job, with the time it waited from `submit` until its batch started.
+        """`on_batch(size, seconds)`: after each successful model call; `on_dequeue(seconds,
+        priority)`: once per job, with the time it waited from `submit` until its batch started.
         `max_bulk_queue` bounds the bulk queue separately (default: `max_queue`)."""
         self._run_batch = run_batch
         self._on_batch = on_batch
@@ -272,7 +272,7 @@ class Batcher(Generic[Item, Result]):
             live = [job for job in batch if job.future.set_running_or_notify_cancel()]
             started = time.monotonic()
             for job in live:
-                _notify(self._on_dequeue, started - job.enqueued)
+                _notify(self._on_dequeue, started - job.enqueued, job.priority)
             try:
                 if live:
                     self._execute(live)

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from captioning.batcher import PRIORITIES
 from captioning.model_state import FAILED, LOADED, LOADING
 
 if TYPE_CHECKING:
@@ -88,7 +89,8 @@ class ServiceMetrics:
         )
         self.queue_wait = Histogram(
             f"{PREFIX}_queue_wait_seconds",
-            "Time each image waited in the batch queue before its batch started.",
+            "Time each image waited in its queue (interactive or bulk) before its batch started.",
+            ["priority"],
             buckets=QUEUE_WAIT_BUCKETS,
             registry=reg,
         )
@@ -104,8 +106,9 @@ class ServiceMetrics:
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
 
-    def observe_queue_wait(self, seconds: float) -> None:
-        self.queue_wait.observe(seconds)
+    def observe_queue_wait(self, seconds: float, priority: str) -> None:
+        label = priority if priority in PRIORITIES else "other"
+        self.queue_wait.labels(label).observe(seconds)
 
     def exposition(self) -> bytes:
         """Every metric in the Prometheus text exposition format."""
@@ -137,6 +140,17 @@ class RuntimeCollector(Collector):
             "Queue bound (MAX_QUEUE); requests beyond it get 503 at once.",
             value=batcher.max_queue if batcher is not None else settings.max_queue,
         )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_bulk_queue_depth",
+            "Job items waiting in the bulk queue (served only when no interactive request waits).",
+            value=batcher.bulk_depth if batcher is not None else 0,
+        )
+        if batcher is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_bulk_queue_capacity",
+                "Bulk queue bound; when it is full the job worker waits for room.",
+                value=batcher.max_bulk_queue,
+            )
         yield GaugeMetricFamily(
             f"{PREFIX}_model_busy",
             "1 while the inference worker is running a batch, else 0.",

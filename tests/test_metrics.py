@@ -80,7 +80,9 @@ def test_metrics_follow_real_traffic(serve_app, base_settings) -> None:
     assert m.value("blip2_model_batch_size_sum") == 1
     assert m.value("blip2_model_batch_duration_seconds_count") == 1
     assert m.value("blip2_model_batch_duration_seconds_sum") > 0
-    assert m.value("blip2_queue_wait_seconds_count") == 1
+    assert m.value("blip2_queue_wait_seconds_count", priority="interactive") == 1
+    assert m.value("blip2_queue_wait_seconds_count", priority="bulk") is None
+    assert m.value("blip2_bulk_queue_depth") == 0
     assert m.value("blip2_cache_hits_total") == 1
     assert m.value("blip2_cache_misses_total") == 1
     assert m.value("blip2_queue_depth") == 0
@@ -171,7 +173,7 @@ def test_scrapes_answer_while_the_model_is_busy(serve_app, base_settings) -> Non
 def test_batcher_reports_batches_and_queue_waits() -> None:
     gate = threading.Event()
     batches: list[tuple[int, float]] = []
-    waits: list[float] = []
+    waits: list[tuple[float, str]] = []
 
     def run(items: Sequence[str], options: object) -> list[str]:
         gate.wait(5)
@@ -183,7 +185,7 @@ def test_batcher_reports_batches_and_queue_waits() -> None:
         max_batch_size=4,
         batch_wait_ms=0,
         on_batch=lambda size, seconds: batches.append((size, seconds)),
-        on_dequeue=waits.append,
+        on_dequeue=lambda seconds, priority: waits.append((seconds, priority)),
     ).start()
     try:
         deadline = time.monotonic() + 10
@@ -197,8 +199,9 @@ def test_batcher_reports_batches_and_queue_waits() -> None:
         batcher.stop()
     assert [size for size, _ in batches] == [1, 3]
     assert all(seconds >= 0.05 for _, seconds in batches)
-    assert len(waits) == 4
-    assert waits[0] < 0.1 and min(waits[1:]) >= 0.15  # queued behind the first batch
+    assert [priority for _, priority in waits] == ["interactive"] * 4
+    seconds = [s for s, _ in waits]
+    assert seconds[0] < 0.1 and min(seconds[1:]) >= 0.15  # queued behind the first batch
 
 
 def test_a_failing_hook_never_stops_the_worker(caplog: pytest.LogCaptureFixture) -> None:
