@@ -17,6 +17,7 @@ def register(app: Flask, origins: str) -> None:
                 resp.headers["Access-Control-Allow-Origin"] = "*"
         elif "*" in allowed or origin in allowed:
             resp.headers["Access-Control-Allow-Origin"] = origin
+        resp.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After, Location"
         if request.method == "OPTIONS":
             resp.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
             resp.headers["Access-Control-Allow-Headers"] = request.headers.get(
