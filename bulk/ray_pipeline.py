@@ -17,8 +17,8 @@ sink as the in-process CLI, so the output and resuming are the same (the actors 
 
 Ray is imported only here, and this module only with ``--ray``: the service never needs it.
 Without ``--ray-address`` (or RAY_ADDRESS) an embedded Ray is started on this machine, bound to
-127.0.0.1, without a dashboard or usage reporting, with a small object store, and stopped at
-the end.
+127.0.0.1, without a dashboard or usage reporting, with a small object store and its own
+temporary folder (under TMPDIR), and stopped and removed at the end.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import hashlib
 import logging
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +56,8 @@ EMBEDDED_ENV = {
 }
 #: Threads per actor that read and decode the images of a batch while others wait on I/O.
 DECODE_THREADS = 4
+#: How long the actor pool may take to start (model loading included) before the run fails.
+ACTOR_START_TIMEOUT_S = 600
 _MB = 1024 * 1024
 
 
@@ -213,6 +217,7 @@ class RayRunner:
         self.plan: ActorPlan | None = None
         self.emoji: EmojiConfigStore | None = None
         self._ray: Any = None
+        self._temp_dir: Path | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -245,21 +250,30 @@ class RayRunner:
             raise EngineError(f"--ray needs the ray dependency group: {exc}") from None
         verbose = logging.getLogger().isEnabledFor(logging.INFO)
         level = logging.INFO if verbose else logging.ERROR
-        if embedded:
-            reserve = 1 if self.parquet else 0
-            ray.init(
-                address="local",
-                num_cpus=(os.cpu_count() or 1) + reserve,
-                include_dashboard=False,
-                object_store_memory=self.object_store_mb * _MB,
-                log_to_driver=verbose,
-                logging_level=level,
-            )
-        else:
-            ray.init(address=self.address, log_to_driver=verbose, logging_level=level)
+        try:
+            if embedded:
+                # Sessions, logs and sockets in a folder of our own, removed by stop().
+                self._temp_dir = Path(tempfile.mkdtemp(prefix="caption-ray-"))
+                ray.init(
+                    address="local",
+                    num_cpus=(os.cpu_count() or 1) + (1 if self.parquet else 0),
+                    include_dashboard=False,
+                    object_store_memory=self.object_store_mb * _MB,
+                    log_to_driver=verbose,
+                    logging_level=level,
+                    _temp_dir=str(self._temp_dir),
+                )
+            else:
+                ray.init(address=self.address, log_to_driver=verbose, logging_level=level)
+        except Exception as exc:  # cannot connect, cannot start (ports, /dev/shm, ...)
+            where = "an embedded Ray" if embedded else f"Ray at {self.address}"
+            raise EngineError(f"cannot start {where}: {type(exc).__name__}: {exc}") from None
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the CLI shows its own bar
         context.print_on_execution_start = False
+        # Start work only when every actor has loaded its model (all share the first batches;
+        # a cluster without room for the pool fails with a clear timeout instead of waiting).
+        context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
         logging.getLogger("ray.data").setLevel(level)
         self._ray = ray
         return ray
@@ -270,6 +284,9 @@ class RayRunner:
         if self._ray is not None:
             self._ray.shutdown()
             self._ray = None
+        if self._temp_dir is not None:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = None
 
     # -- work --------------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ def ray_group():
 
 @pytest.fixture
 def ray_tmp():
-    """Ray's session folder: short (socket paths are limited to ~107 bytes), removed after."""
+    """TMPDIR for the run: short (Ray's socket paths are limited to ~107 bytes)."""
     folder = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
@@ -71,7 +71,7 @@ def test_ray_two_actors_caption_every_image_once(
     pq.write_table(pa.table({"path": column}), tmp_path / "inputs.parquet")
     out = tmp_path / "captions.parquet"
 
-    env = cli_env(tmp_path, RAY_TMPDIR=str(ray_tmp))
+    env = cli_env(tmp_path, TMPDIR=str(ray_tmp))
     args = [str(tmp_path / "folder"), "--parquet", "inputs.parquet", "--column", "path"]
     args += ["--ray", "--actors", "2", "--batch-size", "8", "--out", str(out), "-v"]
     proc = run_cli(args, tmp_path, env, timeout=240)
@@ -88,6 +88,7 @@ def test_ray_two_actors_caption_every_image_once(
     assert f"{tmp_path / 'listed' / 'missing.png'}: File not found" in proc.stderr
     assert "ray: 2 actor processes took part" in proc.stderr
     assert "ActorPlan(actors=2" in proc.stderr
+    assert list(ray_tmp.iterdir()) == []  # the embedded Ray's folder is gone
     print(f"ray run: {proc.seconds:.1f} s")
 
 
