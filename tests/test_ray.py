@@ -161,3 +161,28 @@ def test_parquet_sink_resumes_and_replaces_whole(tmp_path):
     assert time.monotonic() - started < 5
     assert read_parquet_rows(out) == [first, second]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.parquet"]
+
+
+def test_parquet_column_inputs(tmp_path):
+    """`--parquet FILE --column NAME` without Ray: paths relative to the file, URLs, empty
+    cells skipped, a missing column named with the columns there are."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bulk.cli_inputs import Input, InputError, parquet_column, parquet_count
+
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "in.parquet"
+    cells = ["a.png", None, " ", "/abs/b.jpg", "https://h.test/c.png"]
+    pq.write_table(pa.table({"path": cells, "n": [1, 2, 3, 4, 5]}), path, row_group_size=2)
+    assert list(parquet_column(path, "path")) == [
+        Input("file", str(tmp_path / "sub" / "a.png")),
+        Input("file", "/abs/b.jpg"),
+        Input("url", "https://h.test/c.png"),
+    ]
+    assert parquet_count(path, "path") == 3
+    with pytest.raises(InputError, match="has no column 'paths' \\(columns: path, n\\)"):
+        list(parquet_column(path, "paths"))
+    (tmp_path / "not.parquet").write_bytes(b"nope")
+    with pytest.raises(InputError, match="cannot read Parquet file"):
+        parquet_count(tmp_path / "not.parquet", "path")
