@@ -94,6 +94,16 @@ def _guarded(step: Callable[..., T], *args: Any, **kwargs: Any) -> T | str:
         return "internal error while captioning this image"
 
 
+def open_job_store(settings: Settings, config: JobStoreConfig) -> JobStore:
+    """Redis (shared by every replica: any replica answers any job, items spread over all) when
+    REDIS_URL is set, else the embedded SQLite file JOBS_DB."""
+    if settings.redis_url:
+        from bulk.redis_job_store import RedisJobStore
+
+        return RedisJobStore(settings.redis_url, config)
+    return SqliteJobStore(settings.jobs_db_path, config)
+
+
 class BulkService:
     """The batch pool, the job store, spool, worker and upkeep, and their lifecycles."""
 
@@ -139,7 +149,7 @@ class BulkService:
             max_spool_bytes=settings.jobs_disk_quota,
         )
         try:
-            store = SqliteJobStore(settings.jobs_db_path, config)
+            store = open_job_store(settings, config)
         except JobStoreError as exc:
             log.error("jobs unavailable: %s", exc.message)
             self.unavailable = "the job store could not be opened"

@@ -5,14 +5,17 @@ is zero failed client requests."""
 from __future__ import annotations
 
 import io
+import json
 import random
 import signal
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import Cluster
 from tiny_shapes import Scene, draw
@@ -128,3 +131,61 @@ def test_rolling_restart_with_drain_fails_no_client_request(cluster) -> None:
             cluster.haproxy.wait_replicas_up(3)
             load.wait_for(10)
     assert load.failures == [], load.failures[:5]
+
+
+def zip_of(count: int) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
+        for i in range(count):
+            archive.writestr(f"img{i:04d}.png", shapes_png(7_000_000 + i))
+    return buf.getvalue()
+
+
+def bulk_images_run(base: str) -> float:
+    """Job items this replica took from its bulk queue (its own /metrics)."""
+    text = requests.get(base + "/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "blip2_queue_wait_seconds_count" and (
+                sample.labels.get("priority") == "bulk"
+            ):
+                return sample.value
+    return 0.0
+
+
+def job_view(base: str, job_id: str) -> dict:
+    resp = requests.get(f"{base}/v3/jobs/{job_id}", params={"limit": 0}, timeout=10)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["job"]
+
+
+def test_a_job_finishes_exactly_once_when_a_replica_dies_mid_job(cluster) -> None:
+    """600 images through HAProxy; their items spread over the replicas by the Redis stream;
+    one replica is killed mid-job and its claimed items are reclaimed after JOB_CLAIM_TIMEOUT."""
+    resp = requests.post(
+        cluster.url + "/v3/jobs",
+        files={"file": ("images.zip", zip_of(600), "application/zip")},
+        timeout=120,
+    )
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["job_id"]
+    deadline = time.monotonic() + 300
+    while job_view(cluster.url, job_id)["progress"] < 0.2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    cluster.replicas[1].kill()
+    view = job_view(cluster.url, job_id)
+    assert view["state"] == "running", view
+    while view["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        view = job_view(cluster.url, job_id)
+    assert view["state"] == "done", view
+    assert view["counts"]["done"] == 600 and view["counts"]["error"] == 0, view["counts"]
+    lines = requests.get(f"{cluster.url}/v3/jobs/{job_id}/results", timeout=60).text.splitlines()
+    results = [json.loads(line) for line in lines]
+    assert sorted(r["index"] for r in results) == list(range(600))  # each item exactly once
+    assert all(r["status"] == "success" and r["predictions"][0]["text"] for r in results)
+    # Both surviving replicas ran job items (the stream spread them).
+    for survivor in (cluster.replicas[0], cluster.replicas[2]):
+        assert bulk_images_run(survivor.url) > 0
+    cluster.restart(1)
+    cluster.haproxy.wait_replicas_up(3)
