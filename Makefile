@@ -5,7 +5,7 @@ PY := .venv/bin/python
 TINY := models/tiny-shapes/model.yaml
 PORT ?= 7777
 
-.PHONY: uv sync run demo test test-gpu doctor lint format hadolint train-tiny eval-tiny bench \
+.PHONY: uv sync sync-test run demo test test-gpu doctor lint format hadolint train-tiny eval-tiny bench \
 	requirements
 
 # Install uv with pip when it is missing (the only bootstrap step).
@@ -15,6 +15,10 @@ uv:
 sync: uv
 	$(UV) sync --frozen
 
+# Tests also need the `ray` group (the CLI's --ray); the service image does not carry it.
+sync-test: uv
+	$(UV) sync --frozen --group ray
+
 run: sync
 	$(PY) REST.py
 
@@ -22,7 +26,7 @@ run: sync
 demo: sync
 	AUTO_UPDATE=$${AUTO_UPDATE:-false} MODEL_CONFIG=$(TINY) $(PY) REST.py --port $(PORT)
 
-lint: sync
+lint: sync-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
@@ -30,10 +34,10 @@ format: sync
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-hadolint: sync
+hadolint: sync-test
 	.venv/bin/hadolint Dockerfile
 
-test: sync lint hadolint
+test: sync-test lint hadolint
 	$(PY) -m pytest
 
 # What this machine can run the model on, and why (exit status 1 when DEVICE cannot be used).
