@@ -56,6 +56,7 @@ class Summary:
     interrupted: bool = False
     started: float = field(default_factory=time.monotonic)
     first_result: float | None = None  # model start-up ends here (Ray actors load lazily)
+    last_result: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -75,7 +76,7 @@ class Summary:
         """The closing report, one line per fact."""
         now = time.monotonic()
         first = self.first_result if self.first_result is not None else now
-        working = now - first
+        working = (self.last_result or now) - first
         rate = self.captioned / working if working > 0 else 0.0
         left = self.total - self.captioned - self.skipped - self.failed
         head = (
@@ -135,6 +136,7 @@ def record(
             elif outcome.status == "failed":
                 bar.write(f"failed: {outcome.item.name}: {outcome.error}", file=sys.stderr)
             summary.add(outcome)
+            summary.last_result = time.monotonic()
             bar.update(1)
             bar.set_postfix(done=summary.skipped, failed=summary.failed, refresh=False)
             if limit is not None and summary.captioned >= limit:

@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ EMBEDDED_ENV = {
 DECODE_THREADS = 4
 #: How long the actor pool may take to start (model loading included) before the run fails.
 ACTOR_START_TIMEOUT_S = 600
+#: Embedded Ray: how long the finished actors get to exit before Ray itself is stopped (stopped
+#: first, they linger for seconds at full CPU trying to reach it).
+ACTOR_EXIT_WAIT_S = 10.0
 _MB = 1024 * 1024
 
 
@@ -218,6 +222,7 @@ class RayRunner:
         self.emoji: EmojiConfigStore | None = None
         self._ray: Any = None
         self._temp_dir: Path | None = None
+        self._actor_pids: set[int] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -282,6 +287,8 @@ class RayRunner:
         if self.emoji is not None:
             self.emoji.close()
         if self._ray is not None:
+            if self._temp_dir is not None:  # embedded: the actors are processes of this machine
+                _wait_for_exit(self._actor_pids, ACTOR_EXIT_WAIT_S)
             self._ray.shutdown()
             self._ray = None
         if self._temp_dir is not None:
@@ -343,6 +350,7 @@ class RayRunner:
         except self._ray.exceptions.RayError as exc:  # an actor could not start or died
             raise EngineError(f"Ray pipeline failed: {_first_line(exc)}") from None
         log.info("ray: %d actor processes took part", len(workers))
+        self._actor_pids = workers
 
     def _outcome(self, row: dict[str, Any]) -> Outcome:
         from captioning.predictions import predictions
@@ -363,3 +371,23 @@ def _first_line(exc: BaseException) -> str:
     """Ray's errors carry whole remote tracebacks; the last line names the cause."""
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(exc).__name__
+
+
+def _wait_for_exit(pids: set[int], timeout: float) -> None:
+    """Wait until these local processes are gone (or `timeout` passed); never signals them."""
+    started = time.monotonic()
+    left = set(pids)
+    while left and time.monotonic() < started + timeout:
+        left = {pid for pid in left if _alive(pid)}
+        if left:
+            time.sleep(0.1)
+    log.info("ray: actors exited after %.1f s (%d still running)", time.monotonic() - started,
+             len(left))  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:  # gone (or no /proc: nothing to wait for)
+        return False
