@@ -97,7 +97,7 @@ class CliJob:
         inputs, unmatched = self._inputs()
         try:
             sink = open_sink(self.args.out)
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, ValueError) as exc:  # ValueError: not a Parquet file
             raise JobError(f"cannot open {self.args.out}: {exc}") from None
         engine = self._engine()
         summary = Summary(total=len(inputs), unmatched=unmatched)

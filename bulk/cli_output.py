@@ -194,6 +194,7 @@ class ParquetSink:
         self.path = path
         self.done: dict[str, str] = {}
         self.schema = parquet_schema()
+        old = pq.ParquetFile(path) if path.exists() else None  # not Parquet: fail before writing
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a crashed run
             stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -201,8 +202,8 @@ class ParquetSink:
         self._tmp = Path(tmp)
         self._writer = pq.ParquetWriter(self._tmp, self.schema)
         self._rows: list[dict[str, Any]] = []
-        if path.exists():
-            self._copy_existing(pq.ParquetFile(path))
+        if old is not None:
+            self._copy_existing(old)
 
     def _copy_existing(self, old: Any) -> None:
         for group in range(old.num_row_groups):
