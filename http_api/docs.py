@@ -20,6 +20,7 @@ from flask import Blueprint, Response, current_app, jsonify
 
 from http_api import openapi
 from http_api.context import current_runtime
+from http_api.hardening import harden
 from http_api.openapi import ApiPart, html_response
 
 if TYPE_CHECKING:
@@ -83,12 +84,7 @@ def swagger_ui() -> Response:
     return resp
 
 
-@bp.after_request
-def _harden(resp: Response) -> Response:
-    resp.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
-    resp.headers["X-Content-Type-Options"] = "nosniff"
-    resp.headers["Referrer-Policy"] = "no-referrer"
-    return resp
+harden(bp, CONTENT_SECURITY_POLICY)
 
 
 def openapi_part(settings: Settings) -> ApiPart:

@@ -22,10 +22,8 @@ How routes contribute (routes added later describe themselves beside their code)
 A module whose paths do not depend on settings may instead define `OPENAPI_PATHS` (path items)
 and `OPENAPI_SCHEMAS` (component schemas). Every blueprint registered on the app whose module
 defines either is collected, in registration order; routes registered on the app itself call
-:func:`add_part`. The parts for
-`analyze`, `health` and `page` live in :data:`BUILTIN_PARTS` below until their modules define
-their own. tests/test_openapi.py fails for any URL rule no part documents. The document is built
-on first use and cached per app.
+:func:`add_part`. tests/test_openapi.py fails for any URL rule no part documents. The document
+is built on first use and cached per app.
 """
 
 from __future__ import annotations
@@ -39,20 +37,17 @@ from typing import TYPE_CHECKING, Any
 from captioning.errors import (
     HTTP_TABLE,
     AccessDenied,
-    DeadlineExceeded,
-    ImageInputError,
     InvalidRequest,
     NotReady,
-    Overloaded,
     ServiceError,
-    ShuttingDown,
     TooLarge,
     too_large,
 )
 from captioning.options import OPTIONS, TAGS, OptionSpec
-from http_api.envelope import FRAMEWORK, SERVICE
-from http_api.request_image import RAW_TYPES
-from image_input.sources import ALLOWED_EXTENSIONS
+from http_api.openapi_schemas import HEALTH_EXAMPLE as HEALTH_EXAMPLE  # re-exported, like
+from http_api.openapi_schemas import STR as STR  # the helpers below, for the route modules
+from http_api.openapi_schemas import SUCCESS_EXAMPLE as SUCCESS_EXAMPLE
+from http_api.openapi_schemas import core_schemas, error_envelope, ref
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -85,10 +80,6 @@ PartFactory = Callable[["Settings"], ApiPart]
 
 
 # -- helpers for parts ---------------------------------------------------------------------
-
-
-def ref(schema: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{schema}"}
 
 
 def json_response(
@@ -142,16 +133,6 @@ def error_responses(*errors: type[ServiceError]) -> dict[str, dict[str, Any]]:
         examples={"error": error_envelope("Internal server error")},
     )
     return responses
-
-
-def error_envelope(message: str, status: str = "error") -> dict[str, Any]:
-    return {
-        "error": {"message": message},
-        "metadata": {"processing_time": 0.0},
-        "predictions": [],
-        "service": SERVICE,
-        "status": status,
-    }
 
 
 def option_parameters() -> list[dict[str, Any]]:
@@ -217,365 +198,6 @@ def _error_example(status: int, cls: type[ServiceError]) -> dict[str, Any]:
 
 # -- the shared component schemas ------------------------------------------------------------
 
-SUCCESS_EXAMPLE: dict[str, Any] = {
-    "metadata": {"model_info": {"framework": FRAMEWORK}, "processing_time": 0.166},
-    "predictions": [
-        {
-            "emoji_mappings": [
-                {"emoji": "\U0001f9d1", "word": "man"},
-                {"emoji": "\U0001f3bd", "word": "military_uniform"},
-            ],
-            "text": "A man in a military uniform handing flowers to a little girl",
-        }
-    ],
-    "service": SERVICE,
-    "status": "success",
-}
-
-HEALTH_EXAMPLE: dict[str, Any] = {
-    "dependencies": {
-        "emoji_config": {"source": "cache", "mappings": 3606, "mwes": 1088},
-        "result_cache": {"backend": "memory", "entries": 0, "max_entries": 1024},
-    },
-    "device": "cpu",
-    "endpoints": [],
-    "model": {"device": "cpu", "status": "loaded", "name": "blip_caption/large_coco"},
-    "model_status": "loaded",
-    "schema_version": "health.v1",
-    "service": SERVICE,
-    "status": "healthy",
-    "warnings": [],
-}
-
-_STR = {"type": "string"}
-_SECONDS = {"type": "number", "minimum": 0, "description": "seconds, rounded to 3 decimals"}
-_DEVICE = {"type": "string", "pattern": "^(cpu|cuda(:[0-9]+)?|mps)$"}
-
-
-def core_schemas() -> dict[str, dict[str, Any]]:
-    """The v3 envelopes and health.v1 (CONTRACT.md); extra keys only where the contract allows."""
-    return {
-        "EmojiMapping": {
-            "type": "object",
-            "required": ["emoji", "word"],
-            "properties": {"emoji": _STR, "word": _STR},
-            "additionalProperties": False,
-        },
-        "Prediction": {
-            "type": "object",
-            "required": ["text"],
-            "properties": {
-                "text": {**_STR, "description": "the caption through str.capitalize()"},
-                "emoji_mappings": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": ref("EmojiMapping"),
-                    "description": "one per distinct mapped word, in caption order; the key is "
-                    "absent when nothing maps",
-                },
-                "shiny": {"const": True, "description": "present with probability 1/2500"},
-                "tags": {
-                    "type": "array",
-                    "items": _STR,
-                    "uniqueItems": True,
-                    "description": "content words and known phrases, in caption order; only "
-                    "with `tags=true`",
-                },
-            },
-            "additionalProperties": False,
-        },
-        "SuccessEnvelope": {
-            "type": "object",
-            "required": ["metadata", "predictions", "service", "status"],
-            "properties": {
-                "metadata": {
-                    "type": "object",
-                    "required": ["model_info", "processing_time"],
-                    "properties": {
-                        "model_info": {
-                            "type": "object",
-                            "required": ["framework"],
-                            "properties": {"framework": {"const": FRAMEWORK}},
-                        },
-                        "processing_time": _SECONDS,
-                        "cached": {
-                            "const": True,
-                            "description": "present when the captions came from the cache",
-                        },
-                    },
-                },
-                "predictions": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": ref("Prediction"),
-                    "description": "one per caption (`num_captions`)",
-                },
-                "service": {"const": SERVICE},
-                "status": {"const": "success"},
-            },
-            "additionalProperties": False,
-            "examples": [SUCCESS_EXAMPLE],
-        },
-        "ErrorEnvelope": {
-            "type": "object",
-            "required": ["error", "metadata", "predictions", "service", "status"],
-            "properties": {
-                "error": {
-                    "type": "object",
-                    "required": ["message"],
-                    "properties": {"message": {**_STR, "minLength": 1}},
-                    "additionalProperties": False,
-                },
-                "metadata": {
-                    "type": "object",
-                    "required": ["processing_time"],
-                    "properties": {"processing_time": _SECONDS},
-                },
-                "predictions": {"type": "array", "maxItems": 0},
-                "service": {"const": SERVICE},
-                "status": {
-                    "enum": ["error", "loading"],
-                    "description": "`loading` while the model loads, else `error`",
-                },
-            },
-            "additionalProperties": False,
-            "examples": [error_envelope("Cannot provide both url and file parameters")],
-        },
-        "Health": _health_schema(),
-    }
-
-
-def _health_schema() -> dict[str, Any]:
-    model_states = ["loading", "loaded", "error"]
-    return {
-        "type": "object",
-        "description": "health.v1: 200 only when ready to caption (CONTRACT.md).",
-        "required": [
-            "dependencies",
-            "device",
-            "endpoints",
-            "model",
-            "model_status",
-            "schema_version",
-            "service",
-            "status",
-            "warnings",
-        ],
-        "properties": {
-            "dependencies": {
-                "type": "object",
-                "properties": {
-                    "emoji_config": {
-                        "type": "object",
-                        "required": ["source"],
-                        "properties": {
-                            "source": {"enum": ["remote", "cache", "bundled", None]},
-                        },
-                    },
-                    "result_cache": {
-                        "type": "object",
-                        "required": ["backend"],
-                        "properties": {"backend": {"enum": ["none", "memory", "redis"]}},
-                    },
-                },
-                "additionalProperties": {"type": "object"},
-            },
-            "device": _DEVICE,
-            "endpoints": {"type": "array"},
-            "model": {
-                "type": "object",
-                "required": ["device", "status"],
-                "properties": {
-                    "device": _DEVICE,
-                    "status": {"enum": model_states},
-                    "name": _STR,
-                    "precision": _STR,
-                    "queue_depth": {"type": "integer", "minimum": 0},
-                    "max_queue": {"type": "integer", "minimum": 0},
-                    "max_batch_size": {"type": "integer", "minimum": 1},
-                    "batches_run": {"type": "integer", "minimum": 0},
-                    "images_run": {"type": "integer", "minimum": 0},
-                },
-            },
-            "model_status": {"enum": model_states},
-            "schema_version": {"const": "health.v1"},
-            "service": {"const": SERVICE},
-            "status": {"enum": ["healthy", "loading", "error", "draining"]},
-            "warnings": {"type": "array", "items": _STR},
-        },
-        "additionalProperties": False,
-        "examples": [HEALTH_EXAMPLE],
-    }
-
-
-# -- the built-in parts: analyze, health, page ----------------------------------------------
-
-ANALYZE_ERRORS: tuple[type[ServiceError], ...] = (
-    InvalidRequest,
-    ImageInputError,
-    AccessDenied,
-    TooLarge,
-    NotReady,
-    Overloaded,
-    DeadlineExceeded,
-    ShuttingDown,
-)
-
-
-def analyze_part(settings: Settings) -> ApiPart:
-    get_op = _analyze_operation(settings, "get")
-    post_op = _analyze_operation(settings, "post")
-    post_op["requestBody"] = _image_body(settings)
-    paths = {}
-    for path, alias in (("/analyze", False), ("/v3/analyze", True)):
-        paths[path] = {
-            method: {**op, "operationId": f"{method}_{'v3_' if alias else ''}analyze"}
-            for method, op in (("get", get_op), ("post", post_op))
-        }
-    return ApiPart(
-        paths=paths,
-        tags=[{"name": "analyze", "description": "caption one image (the v3 envelope)"}],
-    )
-
-
-def _analyze_operation(settings: Settings, method: str) -> dict[str, Any]:
-    limit = settings.max_file_size
-    how = (
-        "a raw image body, a multipart `file` part, or the `url`/`file` query (first match wins)"
-        if method == "post"
-        else "the `url` or `file` query parameter"
-    )
-    roots = (
-        "only under the configured FILE_ROOTS (403 outside)"
-        if settings.file_roots
-        else "any path the server can read"
-    )
-    return {
-        "tags": ["analyze"],
-        "summary": "Caption one image" + (" (upload)" if method == "post" else ""),
-        "description": (
-            f"Captions the image given by {how}, maps the caption's words to emojis and "
-            f"answers with the v3 envelope. Images over {limit} bytes get 413. Absent options "
-            "mean the reference's decoding; a `max_length` below the default `min_length` "
-            "lowers that default with it. An empty query value counts as absent. `/analyze` and "
-            "`/v3/analyze` are identical. "
-            f"`file` reads {roots}."
-        ),
-        "parameters": [
-            {
-                "name": "url",
-                "in": "query",
-                "required": False,
-                "allowEmptyValue": True,
-                "description": (
-                    "http(s) URL of an image, e.g. `https://example.com/cat.jpg`, downloaded "
-                    f"within TIMEOUT ({settings.timeout:g} s); any failure is 400 "
-                    "`Failed to download image: …`. Not with `file`."
-                ),
-                "schema": _STR,
-            },
-            {
-                "name": "file",
-                "in": "query",
-                "required": False,
-                "allowEmptyValue": True,
-                "description": (
-                    "path of an image on the server, e.g. `/data/images/cat.jpg`. Not with `url`."
-                ),
-                "schema": _STR,
-            },
-            *option_parameters(),
-        ],
-        "responses": {
-            "200": json_response(
-                "The caption(s), one prediction each",
-                "SuccessEnvelope",
-                examples={"caption": SUCCESS_EXAMPLE},
-            ),
-            **error_responses(*ANALYZE_ERRORS),
-        },
-    }
-
-
-def _image_body(settings: Settings) -> dict[str, Any]:
-    binary = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
-    extensions = ", ".join(sorted(ALLOWED_EXTENSIONS))
-    content: dict[str, Any] = {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["file"],
-                "properties": {
-                    "file": {
-                        **binary,
-                        "description": (
-                            f"the image; the filename's extension must be one of {extensions} "
-                            "(400 `File type not allowed`), the bytes decide the real format"
-                        ),
-                    }
-                },
-            }
-        }
-    }
-    for media_type in sorted(RAW_TYPES):
-        content[media_type] = {"schema": {**binary, "contentMediaType": media_type}}
-    return {
-        "required": False,
-        "description": (
-            f"The image, at most {settings.max_file_size} bytes: a multipart part named `file`, "
-            "or the raw bytes with one of these media types (the bytes decide the format: "
-            "JPEG, PNG, GIF, BMP, WEBP, TIFF). An empty raw body is 400. Without either, the "
-            "`url`/`file` query is read."
-        ),
-        "content": content,
-    }
-
-
-def health_part(settings: Settings) -> ApiPart:
-    loading = {
-        **HEALTH_EXAMPLE,
-        "model": {"device": "cpu", "status": "loading"},
-        "model_status": "loading",
-        "status": "loading",
-    }
-    op = {
-        "tags": ["operations"],
-        "operationId": "health",
-        "summary": "Readiness (health.v1)",
-        "description": (
-            "200 only when the model is loaded and the service takes work; 503 while it loads "
-            "(`loading`), after a failed load (`error`, the reason in `warnings`) and while "
-            "draining for shutdown (`draining`)."
-        ),
-        "responses": {
-            "200": json_response("Ready", "Health", examples={"healthy": HEALTH_EXAMPLE}),
-            "503": json_response("Not ready", "Health", examples={"loading": loading}),
-        },
-    }
-    return ApiPart(
-        paths={"/health": {"get": op}},
-        tags=[{"name": "operations", "description": "health, documentation"}],
-    )
-
-
-def page_part(settings: Settings) -> ApiPart:
-    op = {
-        "tags": ["operations"],
-        "operationId": "page",
-        "summary": "Browser test page",
-        "description": "Upload, drop or paste an image and see its captions (HTML).",
-        "responses": {"200": html_response("The page")},
-    }
-    return ApiPart(paths={"/": {"get": op}})
-
-
-BUILTIN_PARTS: dict[str, PartFactory] = {
-    "analyze": analyze_part,
-    "health": health_part,
-    "page": page_part,
-}
-
-
 # -- assembly ----------------------------------------------------------------------------------
 
 
@@ -597,11 +219,11 @@ def document(app: Flask, settings: Settings) -> dict[str, Any]:
 
 
 def collect_parts(app: Flask) -> list[PartFactory]:
-    """Every registered blueprint's part (its module's hook, or a built-in part), then the
-    parts added to the app itself."""
+    """Every registered blueprint's part (its module's hook), then the parts added to the app
+    itself."""
     factories: list[PartFactory] = []
-    for name, blueprint in app.blueprints.items():
-        factory = module_part(sys.modules.get(blueprint.import_name)) or BUILTIN_PARTS.get(name)
+    for blueprint in app.blueprints.values():
+        factory = module_part(sys.modules.get(blueprint.import_name))
         if factory is not None:
             factories.append(factory)
     return factories + list(app.extensions.get(_EXTRA_PARTS, []))

@@ -11,8 +11,15 @@ script, and a strict Content-Security-Policy: the page runs only its own script 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flask import Blueprint, Response, send_from_directory
+
+from http_api.hardening import harden
+from http_api.openapi import ApiPart, html_response
+
+if TYPE_CHECKING:
+    from settings import Settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "page_static"
 STATIC_URL_PATH = "/page/static"
@@ -40,10 +47,15 @@ def index() -> Response:
     return resp
 
 
-@bp.after_request
-def _harden(resp: Response) -> Response:
-    """Page and assets: same-origin script only, no MIME sniffing, no referrer leaks."""
-    resp.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
-    resp.headers["X-Content-Type-Options"] = "nosniff"
-    resp.headers["Referrer-Policy"] = "no-referrer"
-    return resp
+harden(bp, CONTENT_SECURITY_POLICY)  # page and assets: same-origin script only
+
+
+def openapi_part(settings: Settings) -> ApiPart:
+    op = {
+        "tags": ["operations"],
+        "operationId": "page",
+        "summary": "Browser test page",
+        "description": "Upload, drop or paste an image and see its captions (HTML).",
+        "responses": {"200": html_response("The page")},
+    }
+    return ApiPart(paths={"/": {"get": op}})

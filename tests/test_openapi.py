@@ -122,7 +122,7 @@ def test_routes_added_later_describe_themselves(base_settings, monkeypatch) -> N
 
     from captioning.errors import InvalidRequest, Overloaded
     from captioning.runtime import Runtime
-    from http_api import openapi
+    from http_api import health, openapi
     from REST import create_app
 
     batch = types.ModuleType("blip2_test_batch")
@@ -173,11 +173,11 @@ def test_routes_added_later_describe_themselves(base_settings, monkeypatch) -> N
         batch_responses = doc["paths"]["/example/batch"]["post"]["responses"]
         assert set(batch_responses) == {"200", "400", "500", "503"}
         assert "Retry-After" in batch_responses["503"]["headers"]  # Overloaded, per HTTP_TABLE
-        twice = [openapi.BUILTIN_PARTS["health"], openapi.BUILTIN_PARTS["health"]]
+        twice = [health.openapi_part, health.openapi_part]
         assert openapi.build(twice, base_settings)["paths"]["/health"]  # equal: merged
         clash = openapi.ApiPart(paths={"/health": {"get": {"responses": {}}}})
         with pytest.raises(ValueError, match="defined twice"):
-            openapi.build([openapi.BUILTIN_PARTS["health"], lambda s: clash], base_settings)
+            openapi.build([health.openapi_part, lambda s: clash], base_settings)
     finally:
         runtime.stop()
 
