@@ -14,12 +14,10 @@ one file. See :mod:`bulk.jobs` for the protocol and docs/bulk.md for the guarant
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -33,64 +31,24 @@ from bulk.jobs import (
     ItemResult,
     JobCounts,
     JobStoreConfig,
-    JobStoreError,
     JobView,
     NewItem,
     Outcome,
     SpoolQuotaExceeded,
     StoreFull,
     StoreStats,
-    StoreUnavailable,
     TooManyJobs,
     check_new_job,
     clip_message,
     stored_outcome,
     to_json,
 )
+from bulk.sqlite_db import SqliteDb
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- creation order: oldest job first
-    id TEXT NOT NULL UNIQUE,
-    state TEXT NOT NULL
-        CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    expires_at REAL NOT NULL,
-    options TEXT NOT NULL,
-    callback_url TEXT,
-    callback_state TEXT CHECK (callback_state IN ('pending', 'delivered', 'failed')),
-    callback_error TEXT,
-    error TEXT,
-    total INTEGER NOT NULL,
-    spool_dir TEXT,
-    spool_bytes INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS jobs_by_expiry ON jobs (expires_at);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
-CREATE TABLE IF NOT EXISTS items (
-    job_seq INTEGER NOT NULL REFERENCES jobs (seq) ON DELETE CASCADE,
-    idx INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    input_ref TEXT NOT NULL,
-    state TEXT NOT NULL
-        CHECK (state IN ('pending', 'claimed', 'done', 'error', 'skipped')),
-    result TEXT,
-    error TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    claimed_by TEXT,
-    claimed_at REAL,
-    finished_at REAL,
-    PRIMARY KEY (job_seq, idx)
-);
-CREATE INDEX IF NOT EXISTS items_pending ON items (job_seq, idx) WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS items_claimed ON items (claimed_at) WHERE state = 'claimed';
-CREATE INDEX IF NOT EXISTS items_by_state ON items (job_seq, state);
-"""  # statements run one by one (executescript would commit)
+SCHEMA = Path(__file__).with_name("job_schema.sql")
+SCHEMA_VERSION = 1  # statements run one by one (executescript would commit)
 _JOB_COLUMNS = (
     "seq, id, state, created_at, started_at, finished_at, expires_at, options, callback_url, "
     "callback_state, error"
@@ -117,70 +75,18 @@ class SqliteJobStore:
             raise ValueError("claim_timeout must be positive and max_attempts at least 1")
         self.path = Path(path)
         self._clock = clock
-        self._lock = threading.Lock()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(
-                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-            )
-        except (OSError, sqlite3.Error) as exc:
-            raise JobStoreError(f"cannot open the job store {self.path}: {exc}") from exc
-        try:
-            self._prepare(synchronous.upper(), busy_timeout)
-        except sqlite3.Error as exc:
-            self._conn.close()
-            raise JobStoreError(f"cannot open the job store {self.path}: {exc}") from exc
-        except BaseException:
-            self._conn.close()
-            raise
-
-    def _prepare(self, synchronous: str, busy_timeout: float) -> None:
-        conn = self._conn
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
-            raise JobStoreError(f"{self.path}: the database cannot use WAL mode")
-        conn.execute(f"PRAGMA synchronous = {synchronous}")
-        conn.execute("PRAGMA foreign_keys = ON")
-        with self._write() as tx:
-            version = tx.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise JobStoreError(f"{self.path}: unknown job store schema version {version}")
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                tx.execute(statement)
-            tx.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    # -- transactions ------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken at once (IMMEDIATE) so it never deadlocks on upgrade."""
-        with self._lock:
-            conn = self._conn
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.OperationalError):  # locked too long, disk full, I/O
-                    log.error("job store %s: %s", self.path, exc)
-                    raise StoreUnavailable("the job store is unavailable; try again later") from exc
-                raise
-
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """One consistent read snapshot."""
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                yield self._conn
-            finally:
-                self._conn.execute("COMMIT")
+        self._db = SqliteDb(
+            self.path,
+            SCHEMA.read_text(encoding="utf-8"),
+            SCHEMA_VERSION,
+            synchronous=synchronous.upper(),
+            busy_timeout=busy_timeout,
+        )
+        self._write = self._db.write
+        self._read = self._db.read
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
     # -- creating ------------------------------------------------------------------------------
 
