@@ -104,6 +104,13 @@ def open_job_store(settings: Settings, config: JobStoreConfig) -> JobStore:
     return SqliteJobStore(settings.jobs_db_path, config)
 
 
+def bulk_batch(settings: Settings) -> int:
+    """Job items in flight at once, and so the size of a bulk model batch: half of
+    MAX_BATCH_SIZE, so an interactive request that arrives while a job's batch runs waits for
+    a short batch only (the fairness benchmark's ratio; docs/performance.md)."""
+    return max(1, settings.max_batch_size // 2)
+
+
 class BulkService:
     """The batch pool, the job store, spool, worker and upkeep, and their lifecycles."""
 
@@ -175,7 +182,7 @@ class BulkService:
             give_up_after=settings.job_claim_timeout / 2,
         )
         self.worker = JobWorker(
-            self.store, runner, worker_id=self.worker_id, capacity=settings.max_batch_size
+            self.store, runner, worker_id=self.worker_id, capacity=bulk_batch(settings)
         ).start()
         self.upkeep = Upkeep(
             self.store,

@@ -55,7 +55,7 @@ class Upkeep:
         *,
         attempts: int,
         backoff: float,
-        interval: float = 0.25,
+        interval: float = 0.5,
         expire_interval: float = 5.0,
     ) -> None:
         self.store = store

@@ -155,7 +155,7 @@ class JobWorker:
         *,
         worker_id: str,
         capacity: int,
-        poll_interval: float = 0.5,
+        poll_interval: float = 1.0,
     ) -> None:
         self.store = store
         self.run_item = run_item

@@ -1,0 +1,237 @@
+"""Interactive latency while a big job runs: do jobs stay out of interactive callers' way?
+
+    python benchmarks/fairness.py [--job-images 2000] [--requests 150] [--omp-passive]
+
+Starts `python REST.py` around the tiny-shapes model on 127.0.0.1 (result cache off, so every
+request runs the model; jobs in a temporary JOBS_DIR), then:
+
+1. idle: one client posts images to /v3/analyze one after another (like the orchestrator);
+2. busy: a job of `--job-images` images is submitted to /v3/jobs, and once it is running the
+   same client posts the same number of requests while the job goes on.
+
+Prints the machine, interactive p50/p95 for both phases, their ratio (the target: busy p50 at
+most 2x idle p50) and the job's throughput during the busy phase. The last line is JSON.
+`--omp-passive` starts the service with OMP_WAIT_POLICY=PASSIVE (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+TINY_YAML = ROOT / "models" / "tiny-shapes" / "model.yaml"
+READY_TIMEOUT_S = 300
+REQUEST_TIMEOUT_S = 60
+TARGET_RATIO = 2.0
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "loadavg_1m": round(load[0], 2),
+    }
+
+
+def make_images(n: int, seed: int) -> list[bytes]:
+    import tiny_shapes
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        img, _ = tiny_shapes.sample(rng)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_service(workdir: Path, omp_passive: bool) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODEL_CONFIG": str(TINY_YAML),
+        "AUTO_UPDATE": "false",
+        "PRIVATE": "true",
+        "CACHE_SIZE": "0",
+        "JOBS_DIR": str(workdir / "jobs"),
+        "EMOJI_CACHE_DIR": str(workdir / "emoji"),
+        "MAX_JOB_BYTES": str(1 << 30),
+    }
+    if omp_passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    log = (workdir / "service.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "REST.py", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"service exited with {proc.returncode}; see {workdir}/service.log")
+        try:
+            if requests.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("service not ready in time")
+
+
+def interactive(base: str, images: list[bytes], count: int, until: Any = None) -> list[float]:
+    """`count` sequential analyze requests (fewer if `until()` turns true); their latencies."""
+    session = requests.Session()
+    latencies = []
+    for i in range(count):
+        if until is not None and until():
+            break
+        data = images[i % len(images)]
+        started = time.monotonic()
+        resp = session.post(
+            base + "/v3/analyze",
+            files={"file": ("image.jpg", data, "image/jpeg")},
+            timeout=REQUEST_TIMEOUT_S,
+        )
+        latencies.append(time.monotonic() - started)
+        if resp.status_code != 200:
+            raise SystemExit(f"analyze answered {resp.status_code}: {resp.text[:200]}")
+    return latencies
+
+
+def job_view(base: str, job_id: str) -> dict[str, Any]:
+    resp = requests.get(f"{base}/v3/jobs/{job_id}", params={"limit": 0}, timeout=10)
+    resp.raise_for_status()
+    return resp.json()["job"]
+
+
+def pct(values: list[float], q: float) -> float:
+    data = sorted(values)
+    return data[min(len(data) - 1, int(q * len(data)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--job-images", type=int, default=2000)
+    parser.add_argument("--requests", type=int, default=150, help="interactive, per phase")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--omp-passive", action="store_true")
+    args = parser.parse_args(argv)
+
+    job_images = make_images(args.job_images, args.seed)
+    probes = make_images(32, args.seed + 1)
+    with tempfile.TemporaryDirectory(prefix="fairness-") as tmp:
+        proc, base = start_service(Path(tmp), args.omp_passive)
+        try:
+            interactive(base, probes, 10)  # warm-up
+            idle = interactive(base, probes, args.requests)
+            files = [("file", (f"{i:05d}.png", d, "image/png")) for i, d in enumerate(job_images)]
+            resp = requests.post(base + "/v3/jobs", files=files, timeout=300)
+            if resp.status_code != 202:
+                raise SystemExit(f"job refused: {resp.status_code} {resp.text[:200]}")
+            job_id = resp.json()["job_id"]
+            while job_view(base, job_id)["counts"]["done"] < 16:
+                time.sleep(0.05)
+            first = job_view(base, job_id)
+            started = time.monotonic()
+            busy = interactive(
+                base,
+                probes,
+                args.requests,
+                until=lambda: job_view(base, job_id)["state"] != "running",
+            )
+            elapsed = time.monotonic() - started
+            end = job_view(base, job_id)
+            last = end
+            while last["state"] == "running":
+                time.sleep(0.5)
+                last = job_view(base, job_id)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    done_during = job_view_done(first, end, elapsed)
+    info = machine()
+    idle_p50, busy_p50 = statistics.median(idle), statistics.median(busy)
+    ratio = busy_p50 / idle_p50
+    print(
+        f"machine: {info['cpu']}, {info['cores']} cores, python {info['python']}, "
+        f"load average {info['loadavg_1m']}, OMP_WAIT_POLICY "
+        f"{'PASSIVE' if args.omp_passive else os.environ.get('OMP_WAIT_POLICY', 'default')}"
+    )
+    print(f"job: {args.job_images} images; interactive: 1 client, {args.requests} requests/phase")
+    print(f"{'phase':<8}{'requests':>10}{'p50 ms':>10}{'p95 ms':>10}")
+    for name, values in (("idle", idle), ("busy", busy)):
+        print(f"{name:<8}{len(values):>10}{pct(values, 0.5) * 1000:>10.1f}"
+              f"{pct(values, 0.95) * 1000:>10.1f}")  # fmt: skip
+    print(
+        f"busy/idle p50: {ratio:.2f} (target <= {TARGET_RATIO:g}): "
+        f"{'met' if ratio <= TARGET_RATIO else 'NOT met'}; job images/s while busy: "
+        f"{done_during:.1f}; job final state: {last['state']}"
+    )
+    print(
+        json.dumps(
+            {
+                "idle_p50_ms": round(idle_p50 * 1000, 1),
+                "idle_p95_ms": round(pct(idle, 0.95) * 1000, 1),
+                "busy_p50_ms": round(busy_p50 * 1000, 1),
+                "busy_p95_ms": round(pct(busy, 0.95) * 1000, 1),
+                "busy_requests": len(busy),
+                "ratio_p50": round(ratio, 2),
+                "job_images": args.job_images,
+                "job_images_per_s_while_busy": round(done_during, 1),
+                "job_state": last["state"],
+                **info,
+            }
+        )
+    )
+    return 0 if ratio <= TARGET_RATIO else 1
+
+
+def job_view_done(first: dict[str, Any], last: dict[str, Any], elapsed: float) -> float:
+    """Job items finished per second between the two views (the busy phase)."""
+    return (last["counts"]["done"] - first["counts"]["done"]) / max(elapsed, 1e-9)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
