@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +22,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_support import describe, machine  # noqa: E402
+
 from emoji_config.loader import BUNDLED_DIR  # noqa: E402
 from emoji_config.mapper import EmojiMapper  # noqa: E402
 from emoji_config.validate import parse_mappings, parse_mwe  # noqa: E402
@@ -32,27 +32,6 @@ CAPTION = (
     "a young boy and two dogs playing with a red frisbee in the park near a fire engine at sunset"
 )
 assert len(CAPTION.split()) == 20
-
-
-def machine() -> dict[str, Any]:
-    """Enough to compare numbers across machines."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import nltk
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "nltk": nltk.__version__,
-    }
 
 
 def measure(name: str, directory: Path, repeat: int) -> dict[str, Any]:
@@ -102,9 +81,11 @@ def main() -> int:
         print(f"note: no reference config in {args.reference_dir}; bundled only")
     results = [measure(name, directory, args.repeat) for name, directory in configs]
 
+    import nltk
+
     info = machine()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['platform']}")
-    print(f"python {info['python']}, nltk {info['nltk']}; NLTK import {import_s * 1000:.0f} ms")
+    print(describe(info))
+    print(f"nltk {nltk.__version__}; NLTK import {import_s * 1000:.0f} ms")
     print(f"caption ({len(CAPTION.split())} words): {CAPTION!r}")
     for r in results:
         print(

@@ -17,11 +17,8 @@ most 2x idle p50) and the job's throughput during the busy phase. The last line 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import platform
-import random
 import socket
 import statistics
 import subprocess
@@ -36,41 +33,12 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from bench_support import machine, tiny_shapes_pngs  # noqa: E402
+
 TINY_YAML = ROOT / "models" / "tiny-shapes" / "model.yaml"
 READY_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 60
 TARGET_RATIO = 2.0
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "loadavg_1m": round(load[0], 2),
-    }
-
-
-def make_images(n: int, seed: int) -> list[bytes]:
-    import tiny_shapes
-
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        img, _ = tiny_shapes.sample(rng)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 def free_port() -> int:
@@ -155,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--omp-passive", action="store_true")
     args = parser.parse_args(argv)
 
-    job_images = make_images(args.job_images, args.seed)
-    probes = make_images(32, args.seed + 1)
+    job_images = tiny_shapes_pngs(args.job_images, args.seed)
+    probes = tiny_shapes_pngs(32, args.seed + 1)
     with tempfile.TemporaryDirectory(prefix="fairness-") as tmp:
         proc, base = start_service(Path(tmp), args.omp_passive)
         try:
@@ -196,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = busy_p50 / idle_p50
     print(
         f"machine: {info['cpu']}, {info['cores']} cores, python {info['python']}, "
-        f"load average {info['loadavg_1m']}, OMP_WAIT_POLICY "
+        f"load average {info['load_1min']}, OMP_WAIT_POLICY "
         f"{'PASSIVE' if args.omp_passive else os.environ.get('OMP_WAIT_POLICY', 'default')}"
     )
     print(f"job: {args.job_images} images; interactive: 1 client, {args.requests} requests/phase")

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import io
 import json
 import os
 import platform
-import random
 import socket
 import statistics
 import subprocess
@@ -43,6 +41,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_support import tiny_shapes_pngs  # noqa: E402
 
 TINY_YAML = ROOT / "models" / "tiny-shapes" / "model.yaml"
 READY_TIMEOUT_S = 900
@@ -74,19 +74,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def make_images(n: int, seed: int) -> list[bytes]:
-    import tiny_shapes
-
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        img, _ = tiny_shapes.sample(rng)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 def prepare_large_random(workdir: Path, seed: int) -> Path:
@@ -239,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="drive this already running loopback server instead")
     args = parser.parse_args(argv)
 
-    images = make_images(args.images, args.seed)
+    images = tiny_shapes_pngs(args.images, args.seed)
     if args.url:
         return drive_existing(args, images)
     workdir = Path(tempfile.mkdtemp(prefix="blip2-load-"))

@@ -26,7 +26,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts"), str(Path(__file__).parent)]
 
-from machine_info import describe, machine  # noqa: E402
+from bench_support import describe, machine  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from test_scale import post, shapes_png  # noqa: E402
 

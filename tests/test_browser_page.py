@@ -23,21 +23,10 @@ from typing import Any
 import pytest
 import requests
 
+from chromium_browser import WAIT_MS, chromium_context
 from test_rest_api import encode as encode_image
 from test_rest_api import shapes_image, two_red_circles
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-WAIT_MS = 20_000
 CIRCLES = "Two red circles on a gray background"
 SQUARE = "One blue square on a white background"
 EMOJI = {"circles": "⭕", "red": "🔴", "gray": "🩶", "square": "🟦", "blue": "🔵"}
@@ -81,28 +70,8 @@ UNLABELLED_CONTROLS_JS = """() => [...document.querySelectorAll('input, button, 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Debian's Chromium, headless, with a fresh profile; one per module (start-up is ~1 s)."""
-    if not CHROMIUM.exists():
-        pytest.fail(
-            f"{CHROMIUM} is missing: the browser-page test needs Debian's chromium package "
-            "(`apt-get install chromium`; .ci/run installs it)"
-        )
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            timeout=WAIT_MS,
-            viewport={"width": 1024, "height": 900},
-        )
-        context.set_default_timeout(WAIT_MS)
-        try:
-            yield context
-        finally:
-            context.close()
+    with chromium_context(tmp_path_factory.mktemp("chromium-profile"), 1024, 900) as context:
+        yield context
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ import pytest
 import requests
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import OpenAPIV31SpecValidator
-from test_browser_page import CHROMIUM, CHROMIUM_ARGS, WAIT_MS
 
 from captioning.options import OPTIONS, TAGS
+from chromium_browser import WAIT_MS, chromium_context
 from test_rest_api import post_like_orchestrator, two_red_circles
 
 JSON = "application/json"
@@ -491,24 +491,8 @@ def test_docs_page_is_self_contained(server) -> None:
 
 @pytest.fixture(scope="module")
 def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (.ci/run does)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            timeout=WAIT_MS,
-            viewport={"width": 1280, "height": 1000},
-        )
-        context.set_default_timeout(WAIT_MS)
-        try:
-            yield context
-        finally:
-            context.close()
+    with chromium_context(tmp_path_factory.mktemp("chromium-profile"), 1280, 1000) as context:
+        yield context
 
 
 def test_swagger_ui_try_it_out_captions_an_upload(chromium, server, tmp_path: Path) -> None:

@@ -1,11 +1,14 @@
-"""What machine a benchmark ran on, printed first by every benchmark: numbers are only compared
-with numbers measured in the same run, on the same machine."""
+"""What the benchmarks share: the machine they ran on (printed first by each, since numbers are
+only compared with numbers measured in the same run, on the same machine) and the tiny-shapes
+images they send."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import platform
+import random
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +41,17 @@ def describe(info: dict[str, Any]) -> str:
         f"machine: {info['cpu']}, {info['cores']} cores ({features}), load {info['load_1min']}, "
         f"python {info['python']}"
     )
+
+
+def tiny_shapes_pngs(n: int, seed: int) -> list[bytes]:
+    """`n` tiny-shapes scenes as PNG bytes (scripts/ must be on sys.path)."""
+    import tiny_shapes
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        img, _ = tiny_shapes.sample(rng)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
