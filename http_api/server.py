@@ -39,8 +39,12 @@ def waitress_options(settings: Settings) -> dict[str, Any]:
     return {
         "threads": threads,
         "ident": SERVICE,
-        # Flask answers 413 with the envelope first; this only stops abusive bodies early.
-        "max_request_body_size": settings.max_file_size * 2 + (1 << 20),
+        # Flask answers 413 with the envelope first; this only stops abusive bodies early
+        # (above the largest body any route takes: an image, a batch, a job's uploads).
+        "max_request_body_size": max(
+            settings.max_file_size * 2, settings.max_batch_bytes, settings.max_job_bytes
+        )
+        + (1 << 20),
         "channel_timeout": 120,
         # Every thread can hold a connection, plus room for health checks and idle clients.
         "connection_limit": max(100, threads * 4),

@@ -35,6 +35,7 @@ def base_settings(tmp_path: Path):
         device="cpu",
         auto_update=False,
         emoji_cache_dir=tmp_path / "emoji-cache",
+        jobs_dir=tmp_path / "jobs",
     )
 
 
