@@ -7,26 +7,34 @@ list into an object), and results are stored as the worker's JSON text, never de
 
 from __future__ import annotations
 
-# Shared by the scripts that can end a job: finish it when no item is pending or running.
-_FINISH = """
-local function finish_if_done(id, now, ttl)
+# Shared by the scripts that can end a job (done, cancelled, failed).
+_CLOSE = """
+local function close_job(id, new_state, now, ttl)
   local job, unfinished, expiry, callbacks = KEYS[1], KEYS[4], KEYS[5], KEYS[6]
-  local state = redis.call('HGET', job, 'state')
-  if state ~= 'queued' and state ~= 'running' then return end
-  local pending = tonumber(redis.call('HGET', job, 'n_pending'))
-  local running = tonumber(redis.call('HGET', job, 'n_running'))
-  if pending > 0 or running > 0 then return end
   local expires = now + ttl
-  redis.call('HSET', job, 'state', 'done', 'finished_at', now, 'expires_at', expires)
-  if redis.call('HGET', job, 'started_at') == false then
-    redis.call('HSET', job, 'started_at', now)
-  end
+  redis.call('HSET', job, 'state', new_state, 'finished_at', now, 'expires_at', expires)
   redis.call('SREM', unfinished, id)
   redis.call('ZADD', expiry, expires, id)
   if redis.call('HGET', job, 'callback_url') ~= '' then
     redis.call('HSET', job, 'callback_state', 'pending')
     redis.call('SADD', callbacks, id)
   end
+end
+"""
+
+# Finish a job when no item is pending or running.
+_FINISH = _CLOSE + """
+local function finish_if_done(id, now, ttl)
+  local job = KEYS[1]
+  local state = redis.call('HGET', job, 'state')
+  if state ~= 'queued' and state ~= 'running' then return end
+  local pending = tonumber(redis.call('HGET', job, 'n_pending'))
+  local running = tonumber(redis.call('HGET', job, 'n_running'))
+  if pending > 0 or running > 0 then return end
+  if redis.call('HGET', job, 'started_at') == false then
+    redis.call('HSET', job, 'started_at', now)
+  end
+  close_job(id, 'done', now, ttl)
 end
 
 local function settle(it, new_state, err)
@@ -149,8 +157,8 @@ return 1
 """
 )
 
-CANCEL = """
-local job, items, unfinished, expiry, callbacks = KEYS[1], KEYS[2], KEYS[4], KEYS[5], KEYS[6]
+CANCEL = _CLOSE + """
+local job, items = KEYS[1], KEYS[2]
 local new_state, message, now, ttl, id =
   ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local state = redis.call('HGET', job, 'state')
@@ -168,15 +176,8 @@ for i = 1, #all, 2 do
 end
 redis.call('HINCRBY', job, 'n_pending', -skipped)
 redis.call('HINCRBY', job, 'n_skipped', skipped)
-local expires = now + ttl
-redis.call('HSET', job, 'state', new_state, 'finished_at', now, 'expires_at', expires)
 if message ~= '' then redis.call('HSET', job, 'error', message) end
-redis.call('SREM', unfinished, id)
-redis.call('ZADD', expiry, expires, id)
-if redis.call('HGET', job, 'callback_url') ~= '' then
-  redis.call('HSET', job, 'callback_state', 'pending')
-  redis.call('SADD', callbacks, id)
-end
+close_job(id, new_state, now, ttl)
 return 1
 """
 
