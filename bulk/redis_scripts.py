@@ -23,7 +23,9 @@ end
 """
 
 # Finish a job when no item is pending or running.
-_FINISH = _CLOSE + """
+_FINISH = (
+    _CLOSE
+    + """
 local function finish_if_done(id, now, ttl)
   local job = KEYS[1]
   local state = redis.call('HGET', job, 'state')
@@ -49,6 +51,7 @@ local function settle(it, new_state, err)
   if err ~= '' then it.error = err end
 end
 """
+)
 
 CREATE = """
 local job, items, unfinished, expiry, stored, spool, stream =
@@ -157,7 +160,9 @@ return 1
 """
 )
 
-CANCEL = _CLOSE + """
+CANCEL = (
+    _CLOSE
+    + """
 local job, items = KEYS[1], KEYS[2]
 local new_state, message, now, ttl, id =
   ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
@@ -180,6 +185,7 @@ if message ~= '' then redis.call('HSET', job, 'error', message) end
 close_job(id, new_state, now, ttl)
 return 1
 """
+)
 
 RELEASE = """
 local job, items, idx = KEYS[1], KEYS[2], ARGV[1]
