@@ -21,11 +21,10 @@ from urllib3.util import Timeout, parse_url
 from captioning.errors import ImageInputError, InvalidRequest
 from image_input.vetted_socket import (
     Resolver,
-    VettedHTTPPool,
-    VettedHTTPSPool,
     build_ssl_context,
     resolve_allowed,
     time_left,
+    vetted_pool,
 )
 
 log = logging.getLogger(__name__)
@@ -76,6 +75,11 @@ class CallbackSender:
         self._resolver = Resolver(max_workers=2)
         self._tls: ssl.SSLContext | None = None
 
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:  # loading the CA bundle costs a few ms: only on first HTTPS use
+            self._tls = build_ssl_context()
+        return self._tls
+
     def close(self) -> None:
         self._resolver.close()
 
@@ -86,28 +90,16 @@ class CallbackSender:
             target = _parse(url)
         except InvalidRequest as exc:
             return exc.message
-        https = target.scheme.lower() == "https"
-        kwargs: dict[str, Any] = {
-            "deadline": deadline,
-            "allow_private": self.allow_private,
-            "resolver": self._resolver,
-        }
-        if https:
-            if self._tls is None:
-                self._tls = build_ssl_context()
-            kwargs["ssl_context"] = self._tls
-        pool_cls = VettedHTTPSPool if https else VettedHTTPPool
         data = json.dumps(body, separators=(",", ":")).encode()
         pool = None
         try:
             left = time_left(deadline)
-            pool = pool_cls(
-                target.host.strip("[]"),
-                target.port or (443 if https else 80),
-                timeout=Timeout(connect=left, read=left),
-                maxsize=1,
-                retries=False,
-                **kwargs,
+            pool = vetted_pool(
+                target,
+                deadline=deadline,
+                allow_private=self.allow_private,
+                resolver=self._resolver,
+                tls=self._tls_context,
             )
             response = pool.urlopen(
                 "POST",

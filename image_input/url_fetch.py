@@ -13,7 +13,6 @@ import time
 from typing import Any
 from urllib.parse import urljoin
 
-import urllib3
 from urllib3 import exceptions as u3exc
 from urllib3.util import Timeout, make_headers, parse_url
 
@@ -21,11 +20,10 @@ from bounded_io import read_capped
 from captioning.errors import ImageInputError, too_large
 from image_input.vetted_socket import (
     Resolver,
-    VettedHTTPPool,
-    VettedHTTPSPool,
     build_ssl_context,
     time_left,
     url_error,
+    vetted_pool,
 )
 
 log = logging.getLogger(__name__)
@@ -91,28 +89,16 @@ class UrlFetcher:
 
     def _fetch_one(self, target: Any, headers: dict[str, str], deadline: float) -> bytes | str:
         """One GET: the body as bytes, or the Location (str) of a redirect to follow."""
-        pool_cls: type[urllib3.HTTPConnectionPool]
-        kwargs: dict[str, Any] = {
-            "deadline": deadline,
-            "allow_private": self.allow_private,
-            "resolver": self._resolver,
-        }
-        if target.scheme == "https":
-            pool_cls = VettedHTTPSPool
-            kwargs["ssl_context"] = self._tls_context()
-        else:
-            pool_cls = VettedHTTPPool
         response = None
         pool = None
         try:
             left = time_left(deadline)
-            pool = pool_cls(
-                target.host.strip("[]"),  # IPv6 literals: bare address, explicit port
-                target.port or (443 if target.scheme == "https" else 80),
-                timeout=Timeout(connect=left, read=left),
-                maxsize=1,
-                retries=False,
-                **kwargs,
+            pool = vetted_pool(
+                target,
+                deadline=deadline,
+                allow_private=self.allow_private,
+                resolver=self._resolver,
+                tls=self._tls_context,
             )
             response = pool.urlopen(
                 "GET",

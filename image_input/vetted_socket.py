@@ -16,13 +16,14 @@ import math
 import socket
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.util import Timeout
 from urllib3.util.ssl_ import create_urllib3_context
 
 from bounded_io import remaining
@@ -281,3 +282,30 @@ class VettedHTTPPool(urllib3.HTTPConnectionPool):
 
 class VettedHTTPSPool(urllib3.HTTPSConnectionPool):
     ConnectionCls = _VettedHTTPSConnection
+
+
+def vetted_pool(
+    target: Any,
+    *,
+    deadline: float,
+    allow_private: bool,
+    resolver: Resolver,
+    tls: Callable[[], ssl.SSLContext],
+) -> urllib3.HTTPConnectionPool:
+    """A one-connection pool to `target` (a parsed http/https URL) that can only reach vetted
+    addresses and ends by `deadline`; `tls()` gives the context, asked only for https."""
+    left = time_left(deadline)
+    https = target.scheme.lower() == "https"
+    kwargs: dict[str, Any] = {"deadline": deadline, "allow_private": allow_private}
+    if https:
+        kwargs["ssl_context"] = tls()
+    pool_cls = VettedHTTPSPool if https else VettedHTTPPool
+    return pool_cls(
+        target.host.strip("[]"),  # IPv6 literals: bare address, explicit port
+        target.port or (443 if https else 80),
+        timeout=Timeout(connect=left, read=left),
+        maxsize=1,
+        retries=False,
+        resolver=resolver,
+        **kwargs,
+    )
