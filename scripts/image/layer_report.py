@@ -43,8 +43,11 @@ def _history(engine: str, env: dict[str, str], image: str) -> list[str]:
     """The steps that made a layer, oldest first (steps like ENV make none)."""
     out = subprocess.run(
         [engine, "history", "--no-trunc", "--format", "{{json .}}", image],
-        env=env, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     steps = []
     for line in out.splitlines():
         entry = json.loads(line)
@@ -65,8 +68,11 @@ def layer_report(engine: str, env: dict[str, str], image: str) -> LayerReport:
             [engine, "save", "--format", "docker-archive", "-o", str(archive), image]
             if engine == "podman"
             else [engine, "save", "-o", str(archive), image],
-            env=env, check=True, capture_output=True, timeout=1800,
-        )  # fmt: skip
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=1800,
+        )
         with tarfile.open(archive) as outer:
             manifest = json.load(outer.extractfile("manifest.json"))  # type: ignore[arg-type]
             names = manifest[0]["Layers"]
