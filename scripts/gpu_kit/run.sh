@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# The GPU kit's one script: our GPU checks on a host whose Python stack is not ours.
+#
+# It runs the host's own python3 (its CUDA torch, NumPy, Pillow, pytest) with the kit's pinned
+# pure-Python packages first on PYTHONPATH and the shim (docs/gpu.md "Running the kit"). Every
+# stage has its own time limit and log, a failed stage does not stop the next, the whole run
+# stays within a budget (default 465 s), and everything goes under $OUT:
+#   summary.txt / summary.json   how it ran (host, mode) and each stage's result
+#   NN-<stage>.log               each stage's output; doctor.json, cuda-tests.xml, captions-*.json,
+#                                model_speed.json, load.json, versions.txt/json, env.txt/json
+#
+# usage: OUT=DIR bash run.sh [--cpu | --gpu] [--budget SECONDS] [--only STAGE,STAGE...]
+#   (default) mode gpu when the host's torch sees CUDA, else cpu (said loudly)
+#   --cpu     rehearsal: CUDA-only stages become short CPU runs of the same code (marked so)
+#   --gpu     CUDA stages run even if the probe found no CUDA (they then fail and say why)
+# Environment: KIT_PYTHON (default python3), OUT (default ./gpu-kit-out-<time>).
+# Exit status: 0 when every stage that ran passed, 1 otherwise, 2 for a usage error.
+set -uo pipefail  # no -e: a failing stage must not stop the later ones
+
+KIT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+SRC="$KIT/src"
+TOOLS="$SRC/scripts/gpu_kit"
+MODE=auto
+BUDGET="${KIT_BUDGET_S:-465}"
+ONLY=""
+RESERVE=20  # seconds kept for the versions table and the summary
+
+usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu) MODE=cpu ;;
+    --gpu) MODE=gpu ;;
+    --budget) BUDGET="${2:?--budget needs seconds}"; shift ;;
+    --only) ONLY=",${2:?--only needs stage names},"; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "run.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
+  esac
+  shift
+done
+case "$BUDGET" in ''|*[!0-9]*) echo "run.sh: --budget must be whole seconds" >&2; exit 2 ;; esac
+
+OUT="${OUT:-$PWD/gpu-kit-out-$(date +%Y%m%d-%H%M%S)}"
+mkdir -p "$OUT" || { echo "run.sh: cannot create OUT=$OUT" >&2; exit 2; }
+OUT="$(cd "$OUT" && pwd)"
+PY="${KIT_PYTHON:-$(command -v python3 || command -v python || true)}"
+if [ -z "$PY" ] || ! "$PY" -c 'import sys' 2>/dev/null; then
+  echo "run.sh: no Python found (set KIT_PYTHON)" >&2
+  exit 2
+fi
+PY="$(command -v "$PY")"
+
+# The kit's layers first, then the host's; caches and Hugging Face files outside the kit (it may
+# be read-only) and outside $OUT (which comes back to whoever started the run).
+cache="${TMPDIR:-/tmp}/gpu-kit-cache-$(id -u)"
+mkdir -p "$cache"
+export PYTHONPATH="$KIT/shim:$KIT/site:$KIT/stubs:$SRC${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPYCACHEPREFIX="$cache/pycache" PYTHONUNBUFFERED=1
+export HF_HOME="$cache/hf" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export USE_TF=0 USE_FLAX=0 USE_TORCH=1
+export GPU_KIT="$KIT" GPU_KIT_IMPORTS_DIR="$OUT/imports" GPU_KIT_OUT="$OUT"
+export AUTO_UPDATE=false  # the service's emoji config: the bundled copy, no network
+unset MODEL_CONFIG MODEL_DIR DEVICE PRECISION  # ours to choose per stage
+
+START=$SECONDS
+STAGES="$OUT/stages.tsv"
+printf 'stage\tstatus\texit\tseconds\tnote\n' >"$STAGES"
+n=0
+FAILED=0
+
+wanted() { [ -z "$ONLY" ] || [[ "$ONLY" == *",$1,"* ]]; }
+left() { echo $((BUDGET - (SECONDS - START))); }
+
+record() {  # record STAGE STATUS EXIT SECONDS NOTE
+  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${5//$'\t'/ }" >>"$STAGES"
+  printf '   %-12s %-8s (%ss) %s\n' "$1" "$2" "$4" "$5"
+  case "$2" in failed|timeout) FAILED=1 ;; esac
+}
+
+# stage NAME LIMIT_S NOTE CMD...: runs CMD in the kit's source folder, under its own limit
+# (capped by what is left of the budget), output to its log; timeout kills the whole process
+# group (servers started by a benchmark included).
+stage() {
+  local name=$1 limit=$2 note=$3
+  shift 3
+  n=$((n + 1))
+  if ! wanted "$name"; then
+    record "$name" skipped - 0 "not selected (--only)"
+    return 0
+  fi
+  local avail=$(($(left) - RESERVE))
+  if [ "$avail" -lt 20 ]; then
+    record "$name" skipped - 0 "time budget spent"
+    return 0
+  fi
+  [ "$limit" -gt "$avail" ] && limit=$avail
+  local log
+  log="$OUT/$(printf '%02d' "$n")-$name.log"
+  echo "== $name: up to ${limit}s, log $(basename "$log")"
+  local t0=$SECONDS rc
+  (cd "$SRC" && timeout --kill-after=15 "$limit" "$@") >"$log" 2>&1
+  rc=$?
+  local took=$((SECONDS - t0)) status=passed
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    status=timeout
+    note="stopped after ${limit}s; $note"
+  elif [ "$rc" -ne 0 ]; then
+    status=failed
+    note="exit $rc; $note; last line: $(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-160)"
+  fi
+  record "$name" "$status" "$rc" "$took" "$note"
+  return 0
+}
+
+echo "GPU kit run: kit $KIT, output $OUT, budget ${BUDGET}s"
+echo "python: $PY"
+
+# ---- how this host runs it: Python, architecture, the NVIDIA stack, and whether torch sees CUDA
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "host: $(uname -srm)"
+  echo "python: $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])' 2>&1))"
+  echo "cpus: $(getconf _NPROCESSORS_ONLN 2>/dev/null || echo ?)"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv \
+      2>&1 || echo "nvidia-smi failed"
+  else
+    echo "nvidia-smi: not on PATH"
+  fi
+} >"$OUT/host.txt" 2>&1
+cuda_probe="$(cd "$SRC" && timeout 120 "$PY" -c '
+import torch
+ok = torch.cuda.is_available()
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuda available {ok}" +
+      (f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if ok else ""))
+' 2>&1 | tail -n 1)"
+echo "probe: $cuda_probe" | tee -a "$OUT/host.txt"
+if [ "$MODE" = auto ]; then
+  if [[ "$cuda_probe" == *"cuda available True"* ]]; then MODE=gpu; else MODE=cpu; fi
+  if [ "$MODE" = cpu ]; then
+    echo "!! NO USABLE CUDA: running in cpu mode; CUDA stages become CPU smoke runs. This is NOT"
+    echo "!! a GPU result. (Force the CUDA stages with --gpu to see how they fail.)"
+  fi
+fi
+echo "mode: $MODE" | tee -a "$OUT/host.txt"
+
+# ---- the stages (most important first: the budget may cut the last)
+stage env 120 "kit vs host versions, imports" \
+  "$PY" "$TOOLS/kit_env.py" --out "$OUT"
+stage doctor 90 "python blip2_model.py doctor" \
+  bash -c '"$0" blip2_model.py doctor --json >"$GPU_KIT_OUT/doctor.json";
+           s=$?; "$0" blip2_model.py doctor; t=$?
+           echo "doctor exit status: text $t, json $s (0 ok, 1 unusable, 2 GPU seen but CPU)"
+           [ "$t" -eq 0 ]' "$PY"
+stage captions 150 "tiny-shapes CPU fp32 vs the project environment: captions and token ids" \
+  "$PY" "$TOOLS/caption_check.py" --compare "$KIT/reference/captions-cpu-fp32.json" \
+  --out "$OUT/captions-cpu-fp32.json"
+if [ "$MODE" = gpu ]; then
+  stage captions-gpu 90 "tiny-shapes CUDA fp16 vs CPU fp32 reference (share, need not be equal)" \
+    "$PY" "$TOOLS/caption_check.py" --compare "$KIT/reference/captions-cpu-fp32.json" \
+    --device cuda --precision fp16 --report --out "$OUT/captions-cuda-fp16.json"
+  stage cuda-tests 240 "pytest -m cuda tests/test_cuda.py" \
+    "$PY" -m pytest -p no:cacheprovider -m cuda tests/test_cuda.py -v -rs \
+    --junitxml="$OUT/cuda-tests.xml"
+  stage model-speed 200 "model_speed.py --device cuda --sweep (large_coco, random weights)" \
+    bash -c '"$0" benchmarks/model_speed.py --device cuda --sweep | tee "$GPU_KIT_OUT/model_speed.out"
+             s=${PIPESTATUS[0]}; tail -n 1 "$GPU_KIT_OUT/model_speed.out" >"$GPU_KIT_OUT/model_speed.json"
+             exit "$s"' "$PY"
+  stage load 240 "load.py: served REST.py on CUDA fp16 vs the reference-style server" \
+    bash -c '"$0" benchmarks/load.py --model large-random --device cuda --precision fp16 \
+               --duration 20 --clients 8 | tee "$GPU_KIT_OUT/load.out"
+             s=${PIPESTATUS[0]}; tail -n 1 "$GPU_KIT_OUT/load.out" >"$GPU_KIT_OUT/load.json"
+             exit "$s"' "$PY"
+else
+  stage cuda-tests 120 "no CUDA: only collected and skipped with the diagnosed reason" \
+    "$PY" -m pytest -p no:cacheprovider -m cuda tests/test_cuda.py -rs \
+    --junitxml="$OUT/cuda-tests.xml"
+  stage model-speed 300 "CPU smoke of the GPU sweep (1 image, batch 1, fp32, 6 tokens)" \
+    bash -c '"$0" benchmarks/model_speed.py --sweep --images 1 --batches 1 --precisions fp32 \
+               --length 6 --beams 1 | tee "$GPU_KIT_OUT/model_speed.out"
+             s=${PIPESTATUS[0]}; tail -n 1 "$GPU_KIT_OUT/model_speed.out" >"$GPU_KIT_OUT/model_speed.json"
+             exit "$s"' "$PY"
+  stage load 200 "CPU smoke: served REST.py (tiny model) vs the reference-style server" \
+    bash -c '"$0" benchmarks/load.py --model tiny --duration 5 --clients 2 --images 4 \
+               | tee "$GPU_KIT_OUT/load.out"
+             s=${PIPESTATUS[0]}; tail -n 1 "$GPU_KIT_OUT/load.out" >"$GPU_KIT_OUT/load.json"
+             exit "$s"' "$PY"
+fi
+stage tiny-tests 300 "pytest tests/test_model.py tests/test_fast_decode.py (tiny model, CPU)" \
+  "$PY" -m pytest -p no:cacheprovider tests/test_model.py tests/test_fast_decode.py -q -rs \
+  --junitxml="$OUT/tiny-tests.xml"
+
+# ---- what every process imported, with versions and where from (kit or host); then the summary
+RESERVE=0
+stage versions 30 "every imported package: version, kit or host" \
+  "$PY" "$TOOLS/kit_versions.py" "$OUT/imports" --out "$OUT"
+
+total=$((SECONDS - START))
+overall=passed
+[ "$FAILED" -eq 0 ] || overall=FAILED
+{
+  echo "GPU kit run $(date -u +%Y-%m-%dT%H:%M:%SZ): $overall in ${total}s (budget ${BUDGET}s)"
+  echo "mode: $MODE$([ "$MODE" = cpu ] && echo ' (no CUDA stage ran on a GPU: not a GPU result)')"
+  cat "$OUT/host.txt"
+  echo "kit: $(sed -n 's/.*"git_commit": "\([0-9a-f]*\)".*/commit \1/p' "$KIT/manifest.json")"
+  echo
+  column -t -s $'\t' "$STAGES" 2>/dev/null || cat "$STAGES"
+  [ -f "$OUT/versions-differ.txt" ] && { echo; cat "$OUT/versions-differ.txt"; }
+} >"$OUT/summary.txt"
+GPU_KIT_IMPORTS_DIR="" "$PY" - "$STAGES" "$OUT/summary.json" "$MODE" "$overall" "$total" "$cuda_probe" <<'EOF' || true
+import csv, json, sys
+stages, out, mode, overall, total, probe = sys.argv[1:7]
+with open(stages, encoding="utf-8") as fh:
+    rows = list(csv.DictReader(fh, delimiter="\t"))
+summary = {"mode": mode, "overall": overall, "seconds": int(total), "cuda_probe": probe,
+           "stages": rows}
+with open(out, "w", encoding="utf-8") as fh:
+    json.dump(summary, fh, indent=1)
+EOF
+echo
+cat "$OUT/summary.txt"
+[ "$FAILED" -eq 0 ]
