@@ -33,7 +33,7 @@ for layer in site fallback; do
   # A package without a wheel (fairscale) is built from its sdist here, into a wheel, by uv.
   "$UV" pip install --quiet --python "$PY" --target "$tmp/$layer" --no-deps --no-compile \
     --python-version "$TARGET_PY" --python-platform x86_64-manylinux_2_28 "${pins[@]}"
-  rm -rf "$tmp/$layer/bin"  # console scripts point at this machine's interpreter
+  rm -rf "${tmp:?}/$layer/bin"  # console scripts point at this machine's interpreter
 done
 
 echo "gpu-kit: shim, stubs, runner"

@@ -79,10 +79,14 @@ def kit_versions() -> dict[str, tuple[str, str]]:
     }
 
 
-def table(rehearsed: dict[str, str], host: dict[str, str]) -> tuple[list[str], list[str]]:
-    """The expected-vs-found table, and the lines naming each difference."""
-    carried = kit_versions()
-    layers = {p.name: p.layer for p in read_packages(HERE / "packages.txt")}
+def table(
+    rehearsed: dict[str, str],
+    host: dict[str, str],
+    carried: dict[str, tuple[str, str]],
+    layers: dict[str, str],
+) -> tuple[list[str], list[str]]:
+    """The expected-vs-found table, and the lines naming each difference. `carried`: name ->
+    (layer, version) the kit holds; `layers`: name -> layer from packages.txt."""
     names = sorted(set(rehearsed) | set(carried))
     rows = [("package", "rehearsed host", "this host", "kit", "used")]
     differ = []
@@ -92,11 +96,12 @@ def table(rehearsed: dict[str, str], host: dict[str, str]) -> tuple[list[str], l
         if layer == "site" or (layer == "fallback" and found == "-"):
             used = f"kit {ours}"
         else:
-            used = f"host {found}" if found != "-" else "MISSING"
+            used = f"host {found}" if found != "-" else "absent"
         rows.append((name, want, found, f"{ours} ({layer})" if layer else "-", used))
         if name in rehearsed and want != found:
             note = "shadowed by the kit" if layers.get(name) == "site" else "used as found"
-            differ.append(f"{name}: rehearsed with {want}, this host has {found} ({note})")
+            has = f"this host has {found}" if found != "-" else "this host has none"
+            differ.append(f"{name}: rehearsed with {want}, {has} ({note})")
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return lines, differ
@@ -151,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rehearsed = read_image_versions(HERE / "image_versions.txt")
     host = host_versions()
-    rows, differ = table(rehearsed, host)
+    layers = {p.name: p.layer for p in read_packages(HERE / "packages.txt")}
+    rows, differ = table(rehearsed, host, kit_versions(), layers)
     imports, problems = import_checks()
     head = [
         f"python {platform.python_version()} ({sys.executable}), {platform.machine()}, "

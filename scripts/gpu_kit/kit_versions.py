@@ -81,14 +81,10 @@ def render(rows: list[dict[str, Any]], n_records: int) -> str:
     widths = [max(len(t[i]) for t in table) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)) for t in table]
     project = sorted({m for r in rows if r["where"] == "kit-src" for m in r["modules"]})
-    clash = sorted(
-        {r["package"] for r in rows}
-        - {
-            r["package"]
-            for r in rows
-            if len({x["version"] for x in rows if x["package"] == r["package"]}) == 1
-        }
-    )
+    versions: dict[str, set[str]] = {}
+    for r in rows:
+        versions.setdefault(r["package"], set()).add(r["version"])
+    clash = sorted(name for name, seen in versions.items() if len(seen) > 1)
     return "\n".join(
         [
             f"Packages imported by {n_records} Python processes of this kit run",

@@ -42,9 +42,19 @@ case "$BUDGET" in ''|*[!0-9]*) echo "run.sh: --budget must be whole seconds" >&2
 OUT="${OUT:-$PWD/gpu-kit-out-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT" || { echo "run.sh: cannot create OUT=$OUT" >&2; exit 2; }
 OUT="$(cd "$OUT" && pwd)"
-PY="${KIT_PYTHON:-$(command -v python3 || command -v python || true)}"
-if [ -z "$PY" ] || ! "$PY" -c 'import sys' 2>/dev/null; then
-  echo "run.sh: no Python found (set KIT_PYTHON)" >&2
+# The host's Python: KIT_PYTHON, else the first of python3, python, python3.12 that has torch.
+PY="${KIT_PYTHON:-}"
+if [ -z "$PY" ]; then
+  for cand in python3 python python3.12; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import torch' >/dev/null 2>&1; then
+      PY="$cand"
+      break
+    fi
+  done
+  PY="${PY:-python3}"
+fi
+if ! command -v "$PY" >/dev/null 2>&1 || ! "$PY" -c 'import sys' 2>/dev/null; then
+  echo "run.sh: no Python found at '$PY' (set KIT_PYTHON to the interpreter with CUDA torch)" >&2
   exit 2
 fi
 PY="$(command -v "$PY")"
@@ -57,7 +67,7 @@ export PYTHONPATH="$KIT/shim:$KIT/site:$KIT/stubs:$SRC${PYTHONPATH:+:$PYTHONPATH
 export PYTHONPYCACHEPREFIX="$cache/pycache" PYTHONUNBUFFERED=1
 export HF_HOME="$cache/hf" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export USE_TF=0 USE_FLAX=0 USE_TORCH=1
-export GPU_KIT="$KIT" GPU_KIT_IMPORTS_DIR="$OUT/imports" GPU_KIT_OUT="$OUT"
+export GPU_KIT="$KIT" GPU_KIT_IMPORTS_DIR="$OUT/imports"
 export AUTO_UPDATE=false  # the service's emoji config: the bundled copy, no network
 unset MODEL_CONFIG MODEL_DIR DEVICE PRECISION  # ours to choose per stage
 
@@ -76,12 +86,17 @@ record() {  # record STAGE STATUS EXIT SECONDS NOTE
   case "$2" in failed|timeout) FAILED=1 ;; esac
 }
 
-# stage NAME LIMIT_S NOTE CMD...: runs CMD in the kit's source folder, under its own limit
-# (capped by what is left of the budget), output to its log; timeout kills the whole process
-# group (servers started by a benchmark included).
+# stage NAME LIMIT_S NOTE [--json FILE] CMD...: runs CMD in the kit's source folder, under its
+# own limit (capped by what is left of the budget), output to its log; timeout kills the whole
+# process group (servers started by a benchmark included). --json: the log's last JSON line
+# (the benchmarks' summary) is also written to $OUT/FILE.
 stage() {
-  local name=$1 limit=$2 note=$3
+  local name=$1 limit=$2 note=$3 json=""
   shift 3
+  if [ "${1:-}" = --json ]; then
+    json=$2
+    shift 2
+  fi
   n=$((n + 1))
   if ! wanted "$name"; then
     record "$name" skipped - 0 "not selected (--only)"
@@ -99,6 +114,7 @@ stage() {
   local t0=$SECONDS rc
   (cd "$SRC" && timeout --kill-after=15 "$limit" "$@") >"$log" 2>&1
   rc=$?
+  [ -z "$json" ] || grep '^{' "$log" | tail -n 1 >"$OUT/$json"
   local took=$((SECONDS - t0)) status=passed
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     status=timeout
@@ -120,6 +136,14 @@ echo "python: $PY"
   echo "host: $(uname -srm)"
   echo "python: $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])' 2>&1))"
   echo "cpus: $(getconf _NPROCESSORS_ONLN 2>/dev/null || echo ?)"
+  echo "user: $(id -un 2>/dev/null || id -u), kit: $KIT ($(sed -n 's/.*"git_commit": "\([0-9a-f]\{12\}\).*/commit \1/p' "$KIT/manifest.json" 2>/dev/null)$(grep -q '"git_dirty": true' "$KIT/manifest.json" 2>/dev/null && echo ', with uncommitted changes'))"
+  container=none
+  [ -f /.dockerenv ] && container=docker
+  [ -f /run/.containerenv ] && container=podman
+  [ -n "${KUBERNETES_SERVICE_HOST:-}" ] && container="$container, kubernetes"
+  echo "container: $container"
+  echo "NVIDIA_VISIBLE_DEVICES=${NVIDIA_VISIBLE_DEVICES-unset} CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset}"
+  echo "driver: $(head -n 1 /proc/driver/nvidia/version 2>/dev/null || echo 'no /proc/driver/nvidia/version')"
   if command -v nvidia-smi >/dev/null 2>&1; then
     timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv \
       2>&1 || echo "nvidia-smi failed"
@@ -134,6 +158,10 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuda available {ok
       (f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if ok else ""))
 ' 2>&1 | tail -n 1)"
 echo "probe: $cuda_probe" | tee -a "$OUT/host.txt"
+if [[ "$cuda_probe" != torch* ]]; then
+  echo "!! $PY cannot import torch: the kit needs the host's own torch (set KIT_PYTHON)" \
+    | tee -a "$OUT/host.txt"
+fi
 if [ "$MODE" = auto ]; then
   if [[ "$cuda_probe" == *"cuda available True"* ]]; then MODE=gpu; else MODE=cpu; fi
   if [ "$MODE" = cpu ]; then
@@ -146,11 +174,12 @@ echo "mode: $MODE" | tee -a "$OUT/host.txt"
 # ---- the stages (most important first: the budget may cut the last)
 stage env 120 "kit vs host versions, imports" \
   "$PY" "$TOOLS/kit_env.py" --out "$OUT"
-stage doctor 90 "python blip2_model.py doctor" \
-  bash -c '"$0" blip2_model.py doctor --json >"$GPU_KIT_OUT/doctor.json";
-           s=$?; "$0" blip2_model.py doctor; t=$?
-           echo "doctor exit status: text $t, json $s (0 ok, 1 unusable, 2 GPU seen but CPU)"
-           [ "$t" -eq 0 ]' "$PY"
+stage doctor 90 "python blip2_model.py doctor (exit 0: the configured device works)" \
+  "$PY" blip2_model.py doctor
+if wanted doctor; then
+  (cd "$SRC" && timeout 90 "$PY" blip2_model.py doctor --json) >"$OUT/doctor.json" \
+    2>"$OUT/doctor-json.log"
+fi
 stage captions 150 "tiny-shapes CPU fp32 vs the project environment: captions and token ids" \
   "$PY" "$TOOLS/caption_check.py" --compare "$KIT/reference/captions-cpu-fp32.json" \
   --out "$OUT/captions-cpu-fp32.json"
@@ -162,28 +191,19 @@ if [ "$MODE" = gpu ]; then
     "$PY" -m pytest -p no:cacheprovider -m cuda tests/test_cuda.py -v -rs \
     --junitxml="$OUT/cuda-tests.xml"
   stage model-speed 200 "model_speed.py --device cuda --sweep (large_coco, random weights)" \
-    bash -c '"$0" benchmarks/model_speed.py --device cuda --sweep | tee "$GPU_KIT_OUT/model_speed.out"
-             s=${PIPESTATUS[0]}; tail -n 1 "$GPU_KIT_OUT/model_speed.out" >"$GPU_KIT_OUT/model_speed.json"
-             exit "$s"' "$PY"
+    --json model_speed.json "$PY" benchmarks/model_speed.py --device cuda --sweep
   stage load 240 "load.py: served REST.py on CUDA fp16 vs the reference-style server" \
-    bash -c '"$0" benchmarks/load.py --model large-random --device cuda --precision fp16 \
-               --duration 20 --clients 8 | tee "$GPU_KIT_OUT/load.out"
-             s=${PIPESTATUS[0]}; tail -n 1 "$GPU_KIT_OUT/load.out" >"$GPU_KIT_OUT/load.json"
-             exit "$s"' "$PY"
+    --json load.json "$PY" benchmarks/load.py --model large-random --device cuda \
+    --precision fp16 --duration 20 --clients 8
 else
   stage cuda-tests 120 "no CUDA: only collected and skipped with the diagnosed reason" \
     "$PY" -m pytest -p no:cacheprovider -m cuda tests/test_cuda.py -rs \
     --junitxml="$OUT/cuda-tests.xml"
   stage model-speed 300 "CPU smoke of the GPU sweep (1 image, batch 1, fp32, 6 tokens)" \
-    bash -c '"$0" benchmarks/model_speed.py --sweep --images 1 --batches 1 --precisions fp32 \
-               --length 6 --beams 1 | tee "$GPU_KIT_OUT/model_speed.out"
-             s=${PIPESTATUS[0]}; tail -n 1 "$GPU_KIT_OUT/model_speed.out" >"$GPU_KIT_OUT/model_speed.json"
-             exit "$s"' "$PY"
+    --json model_speed.json "$PY" benchmarks/model_speed.py --sweep --images 1 --batches 1 \
+    --precisions fp32 --length 6 --beams 1
   stage load 200 "CPU smoke: served REST.py (tiny model) vs the reference-style server" \
-    bash -c '"$0" benchmarks/load.py --model tiny --duration 5 --clients 2 --images 4 \
-               | tee "$GPU_KIT_OUT/load.out"
-             s=${PIPESTATUS[0]}; tail -n 1 "$GPU_KIT_OUT/load.out" >"$GPU_KIT_OUT/load.json"
-             exit "$s"' "$PY"
+    --json load.json "$PY" benchmarks/load.py --model tiny --duration 5 --clients 2 --images 4
 fi
 stage tiny-tests 300 "pytest tests/test_model.py tests/test_fast_decode.py (tiny model, CPU)" \
   "$PY" -m pytest -p no:cacheprovider tests/test_model.py tests/test_fast_decode.py -q -rs \
@@ -201,7 +221,6 @@ overall=passed
   echo "GPU kit run $(date -u +%Y-%m-%dT%H:%M:%SZ): $overall in ${total}s (budget ${BUDGET}s)"
   echo "mode: $MODE$([ "$MODE" = cpu ] && echo ' (no CUDA stage ran on a GPU: not a GPU result)')"
   cat "$OUT/host.txt"
-  echo "kit: $(sed -n 's/.*"git_commit": "\([0-9a-f]*\)".*/commit \1/p' "$KIT/manifest.json")"
   echo
   column -t -s $'\t' "$STAGES" 2>/dev/null || cat "$STAGES"
   [ -f "$OUT/versions-differ.txt" ] && { echo; cat "$OUT/versions-differ.txt"; }

@@ -23,6 +23,24 @@ def where(path: str, kit: str) -> str:
     return "host"
 
 
+def owners(path: str, candidates: list[str]) -> dict[str, str]:
+    """The distributions (name -> version) whose installed copy holds `path`: the first
+    dist-info on sys.path may belong to another copy (a host package the kit shadows)."""
+    import importlib.metadata as md
+
+    real = os.path.realpath(path)
+    out = {}
+    for name in candidates:
+        try:
+            dist = md.distribution(name)
+            base = os.path.realpath(str(dist.locate_file("")))
+        except Exception:
+            continue
+        if real.startswith(base + os.sep):
+            out[name] = dist.version
+    return out
+
+
 def modules(kit: str) -> dict[str, dict[str, Any]]:
     """Imported top-level modules outside the standard library, with their distributions."""
     import importlib.metadata as md
@@ -39,13 +57,13 @@ def modules(kit: str) -> dict[str, dict[str, Any]]:
         path = getattr(module, "__file__", None)
         if not path:
             continue
-        dists = {}
-        for dist in by_module.get(name, []):
-            try:
-                dists[dist] = md.version(dist)
-            except Exception:
-                dists[dist] = "?"
-        out[name] = {"file": path, "where": where(path, kit), "dists": dists}
+        place = where(path, kit)
+        dists = (
+            {}
+            if place in ("kit-stubs", "kit-src", "kit-shim")
+            else owners(path, by_module.get(name, []))
+        )
+        out[name] = {"file": path, "where": place, "dists": dists}
     return out
 
 
