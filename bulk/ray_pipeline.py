@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,20 @@ _MB = 1024 * 1024
 
 
 # --------------------------------------------------------------------------- actor side
+
+
+def absolute_paths(settings: Settings) -> Settings:
+    """The settings with every relative path resolved against the driver's working directory.
+
+    Ray starts actors in a working directory of its own, so `MODEL_CONFIG=models/tiny-shapes/…`
+    (as the README writes it) would name a file that is not there. The driver resolves them.
+    """
+    changes = {
+        f.name: value.resolve()
+        for f in fields(settings)
+        if isinstance(value := getattr(settings, f.name), Path) and not value.is_absolute()
+    }
+    return settings.with_overrides(**changes) if changes else settings
 
 
 @dataclass
@@ -329,7 +343,7 @@ class RayRunner:
         dataset = self._dataset(list(inputs))
         if dataset is None:
             return
-        settings = self.settings
+        settings = absolute_paths(self.settings)
         if self.plan.gpus_per_actor == 0:
             settings = settings.with_overrides(device="cpu")  # never a GPU Ray did not grant
         captioned = dataset.map_batches(

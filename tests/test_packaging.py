@@ -52,19 +52,24 @@ def test_pinned_runtime_stack() -> None:
 def test_dockerfile_installs_like_the_makefile() -> None:
     docker = (ROOT / "Dockerfile").read_text(encoding="utf-8")
     make = (ROOT / "Makefile").read_text(encoding="utf-8")
-    uv_pin = re.search(r"pip install --quiet (uv==[\d.]+)", make)
-    assert uv_pin, "Makefile must pin the uv it installs"
-    assert f"pip install --no-cache-dir {uv_pin.group(1)}" in docker
+    bootstrap = (ROOT / "scripts/setup/uv.sh").read_text(encoding="utf-8")
+    uv_pin = re.search(r'UV_VERSION="\$\{UV_VERSION:-([\d.]+)\}"', bootstrap)
+    assert uv_pin, "scripts/setup/uv.sh must pin the uv it installs"
+    assert f"uv=={uv_pin.group(1)}" in docker, "the image must bootstrap the same uv"
     assert "$(UV) sync --frozen" in make and "uv sync --frozen --no-dev" in docker
-    assert docker.splitlines()[0].startswith("#") and "FROM python:3.11-slim" in docker
+    assert docker.splitlines()[0].startswith("#") and "ARG BASE_IMAGE=python:3.11-slim" in docker
     for needle in (
         'CMD ["python", "REST.py"]',
         "EXPOSE 7777",
         "HEALTHCHECK",
         "MODEL_DIR=/models",
         'VOLUME ["/models"]',
+        "--chown=10001:10001",
     ):
         assert needle in docker, needle
+    # The service stage never rewrites the environment it copied (a `chown -R` would double it).
+    service_stage = docker.rsplit("FROM ", 1)[1]
+    assert "chown -R" not in service_stage and "uv sync" not in service_stage
     user = re.findall(r"^USER (\S+)", docker, flags=re.M)
     assert user and user[-1] not in ("root", "0")
     assert "curl" not in docker.split("HEALTHCHECK", 1)[1].split("\n\n", 1)[0].replace(
@@ -76,5 +81,9 @@ def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "make test" in ci
+    # CI adds no set-up a user would lack: the README's command installs what tests need.
+    commands = [ln for ln in ci.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert [c for c in commands if c.startswith("make")] == ["make test", "make test-image"]
+    assert "apt-get" not in ci
     first_block = readme.split("```", 2)[1]
     assert "make run" in first_block and "make test" in first_block

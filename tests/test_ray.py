@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import cli_env, run_cli, shared_shapes
+from test_cli import TINY_YAML, cli_env, run_cli, shared_shapes
 
 import tiny_shapes
 
@@ -71,7 +71,11 @@ def test_ray_two_actors_caption_every_image_once(
     pq.write_table(pa.table({"path": column}), tmp_path / "inputs.parquet")
     out = tmp_path / "captions.parquet"
 
-    env = cli_env(tmp_path, TMPDIR=str(ray_tmp))
+    # Relative paths, as the README writes them: the actors' working directory is Ray's own,
+    # so the driver must resolve them (MODEL_CONFIG, EMOJI_CACHE_DIR).
+    (tmp_path / "tiny").symlink_to(Path(TINY_YAML).parent, target_is_directory=True)
+    env = cli_env(tmp_path, TMPDIR=str(ray_tmp), MODEL_CONFIG="tiny/model.yaml")
+    env["EMOJI_CACHE_DIR"] = "emoji-cache"
     args = [str(tmp_path / "folder"), "--parquet", "inputs.parquet", "--column", "path"]
     args += ["--ray", "--actors", "2", "--batch-size", "8", "--out", str(out), "-v"]
     proc = run_cli(args, tmp_path, env, timeout=240)

@@ -10,11 +10,13 @@
 #   scripts/setup/system_deps.sh fresh    what `make test-fresh` needs (debootstrap, chroot)
 set -euo pipefail
 
-have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+# SYSTEM_ROOT: where the file checks look (tests point it at an empty folder).
+sysroot="${SYSTEM_ROOT:-}"
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "$sysroot/usr/sbin/$1" ] || [ -x "$sysroot/sbin/$1" ]; }
 
 missing=()
 need_cmd() { have "$1" || missing+=("$2"); }
-need_file() { [ -e "$1" ] || missing+=("$2"); }
+need_file() { [ -e "$sysroot$1" ] || missing+=("$2"); }
 
 case "${1:-test}" in
   test)
