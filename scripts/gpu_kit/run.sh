@@ -187,8 +187,8 @@ if [ "$MODE" = gpu ]; then
   stage captions-gpu 90 "tiny-shapes CUDA fp16 vs CPU fp32 reference (share, need not be equal)" \
     "$PY" "$TOOLS/caption_check.py" --compare "$KIT/reference/captions-cpu-fp32.json" \
     --device cuda --precision fp16 --report --out "$OUT/captions-cuda-fp16.json"
-  stage cuda-tests 240 "pytest -m cuda tests/test_cuda.py" \
-    "$PY" -m pytest -p no:cacheprovider -m cuda tests/test_cuda.py -v -rs \
+  stage cuda-tests 240 "pytest -m cuda tests/test_cuda.py (CUDA_TESTS_REQUIRED: no skipping)" \
+    env CUDA_TESTS_REQUIRED=1 "$PY" -m pytest -p no:cacheprovider -m cuda tests/test_cuda.py -v -rs \
     --junitxml="$OUT/cuda-tests.xml"
   stage model-speed 200 "model_speed.py --device cuda --sweep (large_coco, random weights)" \
     --json model_speed.json "$PY" benchmarks/model_speed.py --device cuda --sweep
