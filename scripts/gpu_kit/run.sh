@@ -2,7 +2,7 @@
 # The GPU kit's one script: our GPU checks on a host whose Python stack is not ours.
 #
 # It runs the host's own python3 (its CUDA torch, NumPy, Pillow, pytest) with the kit's pinned
-# pure-Python packages first on PYTHONPATH and the shim (docs/gpu.md "Running the kit"). Every
+# pure-Python packages first on PYTHONPATH and the shim (docs/gpu.md, "The GPU kit"). Every
 # stage has its own time limit and log, a failed stage does not stop the next, the whole run
 # stays within a budget (default 465 s), and everything goes under $OUT:
 #   summary.txt / summary.json   how it ran (host, mode) and each stage's result
@@ -13,8 +13,10 @@
 #   (default) mode gpu when the host's torch sees CUDA, else cpu (said loudly)
 #   --cpu     rehearsal: CUDA-only stages become short CPU runs of the same code (marked so)
 #   --gpu     CUDA stages run even if the probe found no CUDA (they then fail and say why)
-# Environment: KIT_PYTHON (default python3), OUT (default ./gpu-kit-out-<time>).
-# Exit status: 0 when every stage that ran passed, 1 otherwise, 2 for a usage error.
+# Environment: KIT_PYTHON (default: the first of python3, python, python3.12 that has torch),
+#   OUT (default ./gpu-kit-out-<time>), KIT_BUDGET_S (default 465).
+# Exit status: 0 every stage passed; 1 a stage failed or timed out; 2 usage error; 3 no failure,
+# but the time budget cut stages.
 set -uo pipefail  # no -e: a failing stage must not stop the later ones
 
 KIT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,7 +27,7 @@ BUDGET="${KIT_BUDGET_S:-465}"
 ONLY=""
 RESERVE=20  # seconds kept for the versions table and the summary
 
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) MODE=cpu ;;
@@ -76,6 +78,7 @@ STAGES="$OUT/stages.tsv"
 printf 'stage\tstatus\texit\tseconds\tnote\n' >"$STAGES"
 n=0
 FAILED=0
+CUT=0
 
 wanted() { [ -z "$ONLY" ] || [[ "$ONLY" == *",$1,"* ]]; }
 left() { echo $((BUDGET - (SECONDS - START))); }
@@ -105,6 +108,7 @@ stage() {
   local avail=$(($(left) - RESERVE))
   if [ "$avail" -lt 20 ]; then
     record "$name" skipped - 0 "time budget spent"
+    CUT=$((CUT + 1))
     return 0
   fi
   [ "$limit" -gt "$avail" ] && limit=$avail
@@ -216,6 +220,7 @@ stage versions 30 "every imported package: version, kit or host" \
 
 total=$((SECONDS - START))
 overall=passed
+[ "$CUT" -eq 0 ] || overall="INCOMPLETE ($CUT stages cut by the time budget)"
 [ "$FAILED" -eq 0 ] || overall=FAILED
 {
   echo "GPU kit run $(date -u +%Y-%m-%dT%H:%M:%SZ): $overall in ${total}s (budget ${BUDGET}s)"
@@ -237,4 +242,5 @@ with open(out, "w", encoding="utf-8") as fh:
 EOF
 echo
 cat "$OUT/summary.txt"
-[ "$FAILED" -eq 0 ]
+[ "$FAILED" -eq 0 ] || exit 1
+[ "$CUT" -eq 0 ] || exit 3
