@@ -179,7 +179,10 @@ def write_placeholder_tokenizer(directory: Path, vocab_size: int = 30522) -> Pat
 
 
 def image_transform(spec: ModelSpec) -> Callable[[Image.Image], torch.Tensor]:
-    """BLIP's eval preprocessing: exact square resize (bicubic), to tensor, CLIP normalise."""
+    """BLIP's eval preprocessing: exact square resize (bicubic), to tensor, CLIP normalise.
+
+    torchvision's, as stock LAVIS builds it (the reference server and training use it); the
+    service prepares with :func:`prepare_pixels`, which gives the same bits without torch."""
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
 
@@ -192,6 +195,28 @@ def image_transform(spec: ModelSpec) -> Callable[[Image.Image], torch.Tensor]:
             transforms.Normalize(spec.mean, spec.std),
         ]
     )
+
+
+def prepare_pixels(image: Image.Image, spec: ModelSpec) -> torch.Tensor:
+    """:func:`image_transform` bit for bit, in Pillow and NumPy, with no torch operator.
+
+    Why: with libgomp every thread that enters a torch parallel region (ToTensor's copy and
+    Normalize on 384x384x3 floats are large enough to be split) gets an OpenMP team of its own,
+    whose idle threads then spin on the cores the inference thread needs. Request threads call
+    this; only the inference thread runs torch. The arithmetic is the same float32 IEEE
+    division and subtraction as torchvision's, so the result is identical (tested)."""
+    import numpy as np
+    import torch
+    from PIL import Image as PILImage
+
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    size = (spec.image_size, spec.image_size)
+    resized = rgb.resize(size, PILImage.Resampling.BICUBIC) if rgb.size != size else rgb
+    pixels = np.asarray(resized, dtype=np.uint8).astype(np.float32)
+    pixels /= np.float32(255)
+    pixels -= np.asarray(spec.mean, dtype=np.float32)
+    pixels /= np.asarray(spec.std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
 def count_parameters(model: Any) -> int:
@@ -231,7 +256,6 @@ class Captioner:
         self.precision = precision
         self.tokenizer = model.tokenizer
         self.decode = decode
-        self.transform = image_transform(spec)
         self._torch = torch
         if decode == "fast":
             import fast_decode
@@ -290,8 +314,9 @@ class Captioner:
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """One image as the model's input: square resize (bicubic), to tensor, CLIP-normalise.
-        Thread-safe, so callers can prepare in parallel and queue small tensors, not images."""
-        return self.transform(image if image.mode == "RGB" else image.convert("RGB"))
+        Thread-safe and free of torch parallel regions (see :func:`prepare_pixels`), so request
+        threads prepare in parallel and queue small tensors, not images."""
+        return prepare_pixels(image, self.spec)
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self._torch.stack([self.prepare(img) for img in images])

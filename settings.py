@@ -105,6 +105,9 @@ class Settings:
     precision: str = "fp32"
     decode: str = "fast"
     torch_threads: int | None = None
+    # libgomp's idle policy, set before torch loads (openmp_policy.py): passive threads sleep
+    # instead of spinning on cores that the inference thread or a neighbour needs.
+    omp_wait_policy: str = "passive"
     checkpoint_url: str = DEFAULT_CHECKPOINT_URL
     tokenizer_url: str = DEFAULT_TOKENIZER_URL
     model_download: bool = True
@@ -234,6 +237,7 @@ class Settings:
         put("PRECISION", "precision", _parse_precision)
         put("DECODE", "decode", _parse_decode)
         put("TORCH_THREADS", "torch_threads", lambda n, r: _parse_int(n, r, 1, 1024))
+        put("OMP_WAIT_POLICY", "omp_wait_policy", _parse_wait_policy)
         put("CHECKPOINT_URL", "checkpoint_url", lambda n, r: r.strip())
         put("TOKENIZER_URL", "tokenizer_url", lambda n, r: r.strip())
         put("MODEL_DOWNLOAD", "model_download", _parse_bool)
@@ -265,6 +269,13 @@ class Settings:
         put("JOB_CALLBACK_ATTEMPTS", "job_callback_attempts", lambda n, r: _parse_int(n, r, 1, 100))
         put("JOB_CALLBACK_BACKOFF", "job_callback_backoff", lambda n, r: _parse_float(n, r, 0.0))
         return cls(**kw)
+
+
+def _parse_wait_policy(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("passive", "active"):
+        raise SettingsError(f"{name} must be passive or active, got {raw!r}")
+    return value
 
 
 def _parse_decode(name: str, raw: str) -> str:

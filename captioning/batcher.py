@@ -16,6 +16,17 @@ request waits; interactive requests of the same group join a bulk-led batch whil
 and a gathering bulk batch gives way (goes back to the front of its queue) when an interactive
 request of another group arrives. So an interactive caller waits at most for the batch that is
 already running, never behind a job's backlog.
+
+Admission at the door: :meth:`reserve` takes a place in the interactive queue before the caller
+reads, decodes or prepares its image, and refuses with `QueueFull` (503 + Retry-After) when there
+is none; a later `submit` with that reservation is never refused for the bound. While reserved
+requests of the same group are being prepared (:meth:`Reservation.arriving`), a gathering batch
+waits for them (bounded by a share of the last batch's run time), so N closed-loop clients make
+batches of N instead of alternating cohorts, and their preparation does not overlap the batch.
+
+The model may be loaded on the worker thread itself (`start(setup=...)`): with libgomp each
+thread that runs torch owns an OpenMP team, so loading, warming up and serving on one thread
+keeps one team in the process.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from captioning.admission import Reservation
 from captioning.errors import DeadlineExceeded, Overloaded, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -50,6 +62,11 @@ class QueueFull(Overloaded):
 
 class WorkerStopped(ShuttingDown):
     """The worker was stopped while the request was waiting."""
+
+
+#: Longest wait for reserved requests still being prepared, and its share of the last batch.
+MAX_ARRIVAL_WAIT_S = 2.0
+ARRIVAL_WAIT_SHARE = 0.25
 
 
 @dataclass
@@ -89,7 +106,7 @@ class Batcher(Generic[Item, Result]):
 
     def __init__(
         self,
-        run_batch: Callable[[Sequence[Item], Any], Sequence[Result]],
+        run_batch: Callable[[Sequence[Item], Any], Sequence[Result]] | None,
         *,
         max_batch_size: int = 8,
         batch_wait_ms: int = 10,
@@ -101,7 +118,8 @@ class Batcher(Generic[Item, Result]):
     ) -> None:
         """`on_batch(size, seconds)`: after each successful model call; `on_dequeue(seconds,
         priority)`: once per job, with the time it waited from `submit` until its batch started.
-        `max_bulk_queue` bounds the bulk queue separately (default: `max_queue`)."""
+        `max_bulk_queue` bounds the bulk queue separately (default: `max_queue`). `run_batch`
+        may be None when `start(setup=...)` returns it from the worker thread."""
         self._run_batch = run_batch
         self._on_batch = on_batch
         self._on_dequeue = on_dequeue
@@ -113,16 +131,52 @@ class Batcher(Generic[Item, Result]):
         self._bulk: deque[_Job[Item, Result]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._reserved = 0  # reservations held (count against max_queue)
+        self._arriving: dict[Hashable, int] = {}  # of those, being prepared, by group
+        self._last_batch_s = 0.0
+        self._setup: Callable[[], Callable[[Sequence[Item], Any], Sequence[Result]]] | None = None
+        self._setup_done = threading.Event()
+        self._setup_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run_thread, name=name, daemon=True)
         self.batches_run = 0
         self.items_run = 0
         self.busy = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> Batcher[Item, Result]:
+    def start(
+        self,
+        setup: Callable[[], Callable[[Sequence[Item], Any], Sequence[Result]]] | None = None,
+    ) -> Batcher[Item, Result]:
+        """Start the worker thread. `setup` runs on it first (load and warm the model there)
+        and returns `run_batch`; see :meth:`wait_setup`."""
+        self._setup = setup
+        if setup is None:
+            self._setup_done.set()
         self._thread.start()
         return self
+
+    def wait_setup(self, poll_s: float = 1.0) -> None:
+        """Block until `setup` finished on the worker thread; re-raise its exception. Bounded by
+        the worker's own life: each wait lasts `poll_s`, and a dead worker ends it."""
+        while not self._setup_done.wait(timeout=poll_s):
+            if not self._thread.is_alive():
+                break
+        if self._setup_error is not None:
+            raise self._setup_error
+        if not self._setup_done.is_set():
+            raise WorkerStopped("the inference worker stopped before the model was ready")
+
+    def _run_thread(self) -> None:
+        if self._setup is not None:
+            try:
+                self._run_batch = self._setup()
+            except BaseException as exc:  # handed to wait_setup's caller
+                self._setup_error = exc
+                self._setup_done.set()
+                return
+            self._setup_done.set()
+        self._loop()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking work, fail what is queued, and wait briefly for the running batch."""
@@ -157,6 +211,47 @@ class Batcher(Generic[Item, Result]):
         return len(self._queue)
 
     @property
+    def reserved(self) -> int:
+        """Places taken at the door by requests still reading or preparing their image."""
+        return self._reserved
+
+    def reserve(self, group: Hashable) -> Reservation:
+        """A place in the interactive queue for a request of `group`, or QueueFull at once.
+        Queued jobs plus reservations never exceed `max_queue`."""
+        with self._cond:
+            if self._stopping:
+                raise WorkerStopped("Service is shutting down")
+            if len(self._queue) + self._reserved >= self.max_queue:
+                raise QueueFull("Server busy: too many requests queued, retry shortly")
+            self._reserved += 1
+            return Reservation(self, group)
+
+    def _mark_arriving(self, reservation: Reservation) -> None:
+        with self._cond:
+            if reservation.held and not reservation.is_arriving:
+                reservation.is_arriving = True
+                group = reservation.group
+                self._arriving[group] = self._arriving.get(group, 0) + 1
+
+    def _release_locked(self, reservation: Reservation) -> None:
+        if not reservation.held:
+            return
+        reservation.held = False
+        self._reserved -= 1
+        if reservation.is_arriving:
+            group = reservation.group
+            left = self._arriving.get(group, 0) - 1
+            if left > 0:
+                self._arriving[group] = left
+            else:
+                self._arriving.pop(group, None)
+        self._cond.notify_all()
+
+    def _release(self, reservation: Reservation) -> None:
+        with self._cond:
+            self._release_locked(reservation)
+
+    @property
     def bulk_depth(self) -> int:
         """Bulk (job) items waiting."""
         return len(self._bulk)
@@ -170,22 +265,27 @@ class Batcher(Generic[Item, Result]):
         group: Hashable,
         deadline: float,
         priority: str = INTERACTIVE,
+        reservation: Reservation | None = None,
     ) -> Future[Result]:
-        """Queue one item; raise QueueFull at once when its priority's queue is at its bound."""
+        """Queue one item; raise QueueFull at once when its priority's queue is at its bound.
+        With a held `reservation` (interactive) the place was taken at the door: no refusal."""
         if priority not in PRIORITIES:
             raise ValueError(f"unknown priority {priority!r}")
         job: _Job[Item, Result] = _Job(item, group, options, deadline, priority)
         with self._cond:
             if self._stopping:
                 raise WorkerStopped("Service is shutting down")
-            queue, bound = (
-                (self._bulk, self.max_bulk_queue)
-                if priority == BULK
-                else (self._queue, self.max_queue)
-            )
-            if len(queue) >= bound:
-                raise QueueFull("Server busy: too many requests queued, retry shortly")
-            queue.append(job)
+            if priority == BULK:
+                if len(self._bulk) >= self.max_bulk_queue:
+                    raise QueueFull("Server busy: too many requests queued, retry shortly")
+                self._bulk.append(job)
+            elif reservation is not None and reservation.held:
+                self._release_locked(reservation)  # its place becomes the queued job's
+                self._queue.append(job)
+            else:
+                if len(self._queue) + self._reserved >= self.max_queue:
+                    raise QueueFull("Server busy: too many requests queued, retry shortly")
+                self._queue.append(job)
             self._cond.notify_all()
         return job.future
 
@@ -196,9 +296,10 @@ class Batcher(Generic[Item, Result]):
         group: Hashable,
         deadline: float,
         priority: str = INTERACTIVE,
+        reservation: Reservation | None = None,
     ) -> Result:
         """Submit and wait until the result is ready or `deadline` (time.monotonic) passes."""
-        future = self.submit(item, options, group, deadline, priority)
+        future = self.submit(item, options, group, deadline, priority, reservation)
         try:
             return future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
@@ -247,11 +348,24 @@ class Batcher(Generic[Item, Result]):
                     if job.group == first.group:
                         source.remove(job)
                         batch.append(job)
-            remaining = until - time.monotonic()
-            if len(batch) == self.max_batch_size or remaining <= 0 or self._stopping:
+            if len(batch) == self.max_batch_size or self._stopping:
                 break
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                remaining = self._arrival_wait_locked(first, len(batch), until)
+                if remaining <= 0:
+                    break
             self._cond.wait(timeout=remaining)
         return batch
+
+    def _arrival_wait_locked(self, first: _Job[Item, Result], size: int, until: float) -> float:
+        """Seconds more to wait for reserved same-group requests already being prepared (they
+        are moments away): at most a share of the last batch's time, never more than
+        MAX_ARRIVAL_WAIT_S after `batch_wait`. 0: start the batch now."""
+        if first.priority == BULK or not self._arriving.get(first.group):
+            return 0.0
+        patience = min(MAX_ARRIVAL_WAIT_S, ARRIVAL_WAIT_SHARE * self._last_batch_s)
+        return until + patience - time.monotonic()
 
     def _drop_dead_locked(self) -> None:
         """Drop queued jobs that were cancelled or whose deadline passed (work not started)."""
@@ -309,7 +423,9 @@ class Batcher(Generic[Item, Result]):
             return
         self.batches_run += 1
         self.items_run += len(jobs)
-        _notify(self._on_batch, len(jobs), time.monotonic() - started)
+        took = time.monotonic() - started
+        self._last_batch_s = took / len(jobs) * self.max_batch_size  # a full batch's time
+        _notify(self._on_batch, len(jobs), took)
         for job, result in zip(jobs, results, strict=True):
             job.future.set_result(result)
 

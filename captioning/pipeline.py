@@ -8,8 +8,11 @@ a Ray actor — so each gets the same order of steps and the same errors:
     readiness → read the source (bounded) → cache lookup → decode → batcher → model
               → cache store → predictions (emoji mappings)
 
-Readiness comes first so a loading service answers 503 before it downloads anything; the cache
-is keyed by the raw bytes, so a hit skips decoding. Nothing here knows about HTTP.
+Readiness comes first so a loading service answers 503 before it downloads anything; then an
+interactive request takes its place in the batcher's queue (`Batcher.reserve`), so a request
+that cannot be queued gets 503 before it waits for a decode slot, downloads or decodes, and one
+that was let in is never refused later for the queue bound. The cache is keyed by the raw bytes,
+so a hit skips decoding (and gives its place back). Nothing here knows about HTTP.
 
 A caller with several images at once (a batch request) may split the call: :meth:`stage`
 every image first (read, cache, decode), then :meth:`finish` them together, so they reach the
@@ -26,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from captioning.admission import Reservation
 from captioning.batcher import INTERACTIVE
 from captioning.errors import DeadlineExceeded, too_large
 from captioning.options import GenerationOptions
@@ -98,8 +102,16 @@ class Pipeline:
         """Caption one image; raises the errors of captioning/errors.py, nothing else.
         `priority`: ``interactive`` (callers waiting) or ``bulk`` (job items; served by the
         batcher only when no interactive request waits)."""
-        staged = self.stage(source, options, deadline=deadline)
-        return self.finish(staged, options, deadline=deadline, tags=tags, priority=priority)
+        captioner, batcher = self.model.ready()
+        captioner.check_options(options)  # 400 before any download or decode
+        if priority != INTERACTIVE:  # job items: bounded by the job worker, not the door
+            staged = self._stage(source, captioner, options, deadline)
+            return self.finish(staged, options, deadline=deadline, tags=tags, priority=priority)
+        with batcher.reserve(options.signature()) as reservation:  # QueueFull: 503 now
+            staged = self._stage(source, captioner, options, deadline, reservation)
+            return self.finish(
+                staged, options, deadline=deadline, tags=tags, reservation=reservation
+            )
 
     def stage(self, source: ImageSource, options: GenerationOptions, *, deadline: float) -> Staged:
         """Everything before the model: readiness, read, cache lookup, decode."""
@@ -115,15 +127,17 @@ class Pipeline:
         deadline: float,
         tags: bool = False,
         priority: str = INTERACTIVE,
+        reservation: Reservation | None = None,
     ) -> CaptionResult:
-        """The model (unless the cache answered), cache store and predictions of a staged image."""
+        """The model (unless the cache answered), cache store and predictions of a staged image.
+        `reservation`: the queue place taken at the door (see :meth:`caption`)."""
         _, batcher = self.model.ready()
         captions = staged.captions
         if captions is None:
             started = time.monotonic()
             try:
                 captions = batcher.run(
-                    staged.prepared, options, options.signature(), deadline, priority
+                    staged.prepared, options, options.signature(), deadline, priority, reservation
                 )
             except DeadlineExceeded:
                 raise DeadlineExceeded(
@@ -141,11 +155,18 @@ class Pipeline:
         )
 
     def _stage(
-        self, source: ImageSource, captioner: Captioner, options: GenerationOptions, deadline: float
+        self,
+        source: ImageSource,
+        captioner: Captioner,
+        options: GenerationOptions,
+        deadline: float,
+        reservation: Reservation | None = None,
     ) -> Staged:
         """Read (downloads outside the decode slot, local bytes inside it), look up, decode."""
         started = time.monotonic()
         downloaded = None if source.local else source.read()
+        if reservation is not None:
+            reservation.arriving()  # bytes in hand: the batcher may wait a moment for it
         with self._decode_slot(deadline):
             data = downloaded if downloaded is not None else source.read()
             del downloaded

@@ -4,9 +4,12 @@
     ...
     runtime.stop(drain_timeout=30)           # finish queued work, then stop everything
 
-Start order (one thread, "model-loader"): emoji config (bounded by TIMEOUT; falls back to the
-cache or the bundled default) → emoji refresh thread → job store and spool (jobs can be submitted
-while the model loads) → model load and warm-up → batcher → job worker and job upkeep thread.
+Start order (one thread, "model-loader"): OpenMP wait policy (before torch loads) → emoji config
+(bounded by TIMEOUT; falls back to the cache or the bundled default) → emoji refresh thread → job
+store and spool (jobs can be submitted while the model loads) → the batcher's thread, which loads
+and warms up the model itself before serving (with libgomp every thread that runs torch owns an
+OpenMP team; one thread for load, warm-up and inference keeps one team in the process) → job
+worker and job upkeep thread.
 Stop order is the reverse: job worker (claims nothing more, finishes and records the items it
 holds, releases the rest) and upkeep → batcher (drained) → emoji refresh → URL fetcher's DNS
 pool → result cache.
@@ -29,6 +32,7 @@ from captioning.pipeline import Pipeline
 from captioning.result_cache import ResultCache, make_cache
 from emoji_config import EmojiConfigStore
 from image_input.sources import ImageReader
+from openmp_policy import apply_openmp_policy
 
 if TYPE_CHECKING:
     from blip2_model import Captioner
@@ -68,6 +72,7 @@ class Runtime:
         self.device_plan: DevicePlan | None = None
         self._given_captioner = captioner
         self._loader: threading.Thread | None = None
+        self._batcher: Batcher[Any, list[str]] | None = None
         self._stopped = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -75,6 +80,7 @@ class Runtime:
     def start(self, *, wait: bool = False) -> Runtime:
         """Load the emoji config and the model, then start the batcher. In the background
         unless `wait` (tests and tools that want a ready runtime when this returns)."""
+        apply_openmp_policy(self.settings)  # before anything in this process imports torch
         if wait:
             self._load()
         else:
@@ -87,22 +93,32 @@ class Runtime:
         self.emoji.start_refresh()
         self.bulk.open()
         started = time.monotonic()
-        try:
+        loaded: list[Captioner] = []
+
+        def load_on_worker() -> Any:  # runs on the batcher's own thread
             captioner = self._given_captioner or self._load_captioner()
-        except Exception as exc:  # any failure becomes a 503 with the reason in /health
-            self.model.set_failed(str(exc) or type(exc).__name__)
-            return
-        if self._stopped:
-            return
+            loaded.append(captioner)
+            return captioner.caption_prepared
+
         batcher: Batcher[Any, list[str]] = Batcher(
-            captioner.caption_prepared,
+            None,
             max_batch_size=self.settings.max_batch_size,
             batch_wait_ms=self.settings.batch_wait_ms,
             max_queue=self.settings.max_queue,
             on_batch=self.metrics.observe_batch,
             on_dequeue=self.metrics.observe_queue_wait,
-        ).start()
-        self.model.set_ready(captioner, batcher, time.monotonic() - started)
+        )
+        self._batcher = batcher
+        try:
+            batcher.start(setup=load_on_worker).wait_setup()
+        except Exception as exc:  # any failure becomes a 503 with the reason in /health
+            batcher.stop()
+            self.model.set_failed(str(exc) or type(exc).__name__)
+            return
+        if self._stopped:
+            batcher.stop()
+            return
+        self.model.set_ready(loaded[0], batcher, time.monotonic() - started)
         if not self._stopped:
             self.bulk.start()
 
@@ -130,7 +146,7 @@ class Runtime:
         self._stopped = True
         until = time.monotonic() + drain_timeout
         drained = self.bulk.stop(drain_timeout)
-        batcher = self.model.batcher
+        batcher = self.model.batcher or self._batcher
         if batcher is not None:
             drained = batcher.drain(max(0.0, until - time.monotonic())) and drained
         self.emoji.close()

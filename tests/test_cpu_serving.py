@@ -1,0 +1,265 @@
+"""CPU serving at its limit: no extra OpenMP teams, the wait policy chosen before torch loads,
+admission before any work, and batches that wait for requests already being prepared.
+
+Real parts only: the real preprocessing against torchvision's, a real `python REST.py`, real
+waitress with the tiny model, and the real Batcher fed by a recording run_batch."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from blip2_model import image_transform, prepare_pixels, yaml_spec
+from captioning.batcher import Batcher, QueueFull
+from test_rest_api import two_red_circles
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_YAML = ROOT / "models" / "tiny-shapes" / "model.yaml"
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def _images() -> list[Image.Image]:
+    rng = np.random.default_rng(7)
+    rgb = Image.fromarray(rng.integers(0, 256, (300, 517, 3), dtype=np.uint8), "RGB")
+    return [
+        rgb,
+        rgb.convert("L"),
+        rgb.convert("RGBA"),
+        rgb.resize((384, 384)),
+        rgb.resize((96, 96)),
+        Image.new("RGB", (1, 1), (255, 0, 0)),
+    ]
+
+
+@pytest.mark.parametrize("size", [96, 384])
+def test_prepare_pixels_is_torchvision_bit_for_bit(size: int) -> None:
+    import torch
+
+    spec = dataclasses.replace(yaml_spec(TINY_YAML), image_size=size)
+    reference = image_transform(spec)
+    for image in _images():
+        ours = prepare_pixels(image, spec)
+        theirs = reference(image.convert("RGB"))
+        assert ours.dtype == theirs.dtype == torch.float32
+        assert ours.shape == theirs.shape == (3, size, size)
+        assert torch.equal(ours, theirs), image.mode
+
+
+def _threads_after(work: Callable[[], object]) -> int:
+    """OS threads of this process while a fresh thread that ran `work` is still alive (an
+    OpenMP team lives as long as the thread that owns it)."""
+    done, release = threading.Event(), threading.Event()
+
+    def run() -> None:
+        work()
+        done.set()
+        release.wait(timeout=30)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert done.wait(timeout=30)
+    count = len(os.listdir("/proc/self/task"))
+    release.set()
+    thread.join(timeout=30)
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+def test_preparing_an_image_starts_no_openmp_team() -> None:
+    import torch
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: torch never starts a team here")
+    spec = dataclasses.replace(yaml_spec(TINY_YAML), image_size=384)
+    image = _images()[0]
+    reference = image_transform(spec)
+    baseline = _threads_after(lambda: None)
+    # The control: torchvision's transform at 384 px runs parallel regions, so the fresh
+    # thread gets a team and the process has more threads; the measurement can see a team.
+    assert _threads_after(lambda: reference(image)) > baseline
+    assert _threads_after(lambda: prepare_pixels(image, spec)) == baseline
+
+
+# ----------------------------------------------------------------------------- wait policy
+
+
+def _display_env(env: dict[str, str]) -> str:
+    """libgomp's own report of its settings (OMP_DISPLAY_ENV) in a process that applied the
+    service's policy and then imported torch."""
+    code = (
+        "from settings import Settings; from openmp_policy import apply_openmp_policy; "
+        "apply_openmp_policy(Settings.from_env(dotenv_path=None)); import torch; "
+        "torch.ones(1 << 16).sum()"
+    )
+    clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**clean, "OMP_DISPLAY_ENV": "TRUE", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return out.stderr + out.stdout
+
+
+def test_wait_policy_is_passive_by_default_and_the_operator_wins() -> None:
+    assert "OMP_WAIT_POLICY = 'PASSIVE'" in _display_env({})
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in _display_env({"OMP_WAIT_POLICY": "active"})
+
+
+def test_rest_py_chooses_the_policy_before_torch_loads() -> None:
+    from service_process import ServiceProcess
+
+    clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    service = ServiceProcess({**clean, "OMP_DISPLAY_ENV": "TRUE", "LOG_LEVEL": "WARNING"})
+    try:
+        service.start()
+        assert "OMP_WAIT_POLICY = 'PASSIVE'" in service.output()
+    finally:
+        service.close()
+
+
+# ----------------------------------------------------------------------------- batcher alone
+
+
+class Recorder:
+    """A run_batch that records the batches it was given and takes `delay` seconds each."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[list[str]] = []
+        self.delay = delay
+
+    def __call__(self, items: Sequence[str], options: object) -> list[str]:
+        self.batches.append(list(items))
+        time.sleep(self.delay)
+        return list(items)
+
+
+@pytest.fixture
+def make_batcher() -> Iterator[Callable[..., Batcher]]:
+    made: list[Batcher] = []
+
+    def make(run: Recorder, **kw: object) -> Batcher:
+        batcher: Batcher = Batcher(run, **kw).start()  # type: ignore[arg-type]
+        made.append(batcher)
+        return batcher
+
+    yield make
+    for batcher in made:
+        batcher.stop()
+
+
+def far() -> float:
+    return time.monotonic() + 30
+
+
+def test_reservations_count_against_the_queue_and_are_never_refused(make_batcher) -> None:
+    batcher = make_batcher(Recorder(delay=0.3), max_batch_size=1, max_queue=2, batch_wait_ms=0)
+    running = batcher.submit("running", None, "g", far())
+    time.sleep(0.1)  # the worker holds it; the queue is empty
+    first, second = batcher.reserve("g"), batcher.reserve("g")
+    with pytest.raises(QueueFull):
+        batcher.reserve("g")  # both places are taken at the door
+    with pytest.raises(QueueFull):
+        batcher.submit("unreserved", None, "g", far())
+    futures = [
+        batcher.submit(n, None, "g", far(), reservation=r) for n, r in ((1, first), (2, second))
+    ]
+    assert [f.result(timeout=10) for f in [running, *futures]] == ["running", 1, 2]
+    gone = batcher.reserve("g")
+    gone.release()
+    gone.release()  # idempotent: one place given back, not two
+    assert batcher.reserved == 0
+    with batcher.reserve("g"), batcher.reserve("g"), pytest.raises(QueueFull):
+        batcher.reserve("g")
+    assert batcher.reserved == 0
+
+
+def test_a_batch_waits_for_requests_being_prepared(make_batcher) -> None:
+    run = Recorder(delay=0.4)
+    batcher = make_batcher(run, max_batch_size=4, max_queue=8, batch_wait_ms=0)
+    batcher.submit("warm", None, "g", far()).result(timeout=10)  # the worker learns batch time
+    places = [batcher.reserve("g") for _ in range(3)]
+    for place in places[1:]:
+        place.arriving()  # bytes in hand, being decoded
+    other = batcher.reserve("other")
+    other.arriving()  # another group is never waited for
+    first = batcher.submit("a", None, "g", far(), reservation=places[0])
+    time.sleep(0.15)  # "preparing" takes a while, far past batch_wait
+    late = [
+        batcher.submit(n, None, "g", far(), reservation=p)
+        for n, p in zip("bc", places[1:], strict=True)
+    ]
+    assert [f.result(timeout=10) for f in [first, *late]] == ["a", "b", "c"]
+    other.release()
+    assert run.batches[1] == ["a", "b", "c"]
+
+
+def test_a_batch_does_not_wait_for_places_still_downloading(make_batcher) -> None:
+    run = Recorder(delay=0.4)
+    batcher = make_batcher(run, max_batch_size=4, max_queue=8, batch_wait_ms=0)
+    batcher.submit("warm", None, "g", far()).result(timeout=10)
+    with batcher.reserve("g"):  # not arriving: its URL is still being fetched
+        started = time.monotonic()
+        assert batcher.submit("a", None, "g", far()).result(timeout=10) == "a"
+        assert time.monotonic() - started < 0.4 + 0.08
+    assert run.batches[1] == ["a"]
+
+
+# ----------------------------------------------------------------------------- over HTTP
+
+HEAVY = {"num_beams": 10, "min_length": 75, "max_length": 75}
+
+
+def _post(url: str, data: bytes, **params: object) -> requests.Response:
+    return requests.post(
+        url + "/analyze",
+        params=params,
+        data=data,
+        headers={"Content-Type": "image/png"},
+        timeout=60,
+    )
+
+
+def test_a_request_that_cannot_be_queued_is_refused_before_decoding(
+    serve_app, base_settings
+) -> None:
+    """With the worker busy and the one queue place taken, a body that is not an image gets
+    503 (refused at the door), not 400 (which it would get after decoding)."""
+    server = serve_app(base_settings.with_overrides(max_queue=1, max_batch_size=1, cache_size=0))
+    data = two_red_circles()
+    for _attempt in range(5):
+        with cf.ThreadPoolExecutor(max_workers=2) as pool:
+            busy = [pool.submit(_post, server.url, data, **HEAVY) for _ in range(2)]
+            until = time.monotonic() + 10
+            while time.monotonic() < until:
+                model = requests.get(server.url + "/health", timeout=2).json()["model"]
+                if model["queue_depth"] == 1:
+                    break
+                time.sleep(0.005)
+            refused = _post(server.url, b"not an image at all")
+            # One may itself be refused if it came while the other still held the place.
+            assert {f.result().status_code for f in busy} <= {200, 503}
+        if model["queue_depth"] == 1 and refused.status_code == 503:
+            assert refused.headers.get("Retry-After")
+            assert "busy" in refused.json()["error"]["message"]
+            break
+    else:
+        pytest.fail(f"never refused at the door; last answer {refused.status_code}")
+    # With a free place the same body is decoded and refused for what it is.
+    assert _post(server.url, b"not an image at all").status_code == 400
