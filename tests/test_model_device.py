@@ -481,7 +481,7 @@ int nvmlDeviceGetCudaComputeCapability(void *h, int *major, int *minor) {
 def build_fake_nvml(tmp_path: Path, init_rc: int) -> str:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        pytest.skip("no C compiler to build the NVML-ABI test library")
+        pytest.fail("no C compiler to build the NVML-ABI test library (make test installs gcc)")
     source = tmp_path / "nvml.c"
     source.write_text(FAKE_NVML.replace("INIT_RC", str(init_rc)))
     library = tmp_path / f"libnvidia-ml-{init_rc}.so.1"

@@ -36,5 +36,7 @@ if [ -n "${EXTRA_CA_DIR:-}" ] && ls "$EXTRA_CA_DIR"/*.crt >/dev/null 2>&1; then
   cp "$EXTRA_CA_DIR"/*.crt "$root/usr/local/share/ca-certificates/"
   chroot "$root" update-ca-certificates >/dev/null
 fi
-# Name resolution inside the root, as a real machine would have it.
+# Name resolution inside the root, as a real machine has it (debootstrap writes neither file).
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+[ -s "$root/etc/hosts" ] || printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
+  >"$root/etc/hosts"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make sure the real programs a step needs are installed, or stop with one clear message.
 #
-# Why: the tests drive real servers (redis-server, haproxy), a real browser (chromium) and the
+# Why: the tests drive real servers (redis-server, haproxy), a real browser (chromium), real
+# zip and a C compiler (gcc: a stand-in libnvidia-ml for the GPU diagnosis), and the
 # image checks a real container engine. A fresh machine has none of them. As root with apt-get
 # they are installed here (one `apt-get update` only when something is missing); otherwise this
 # prints the packages and the command that installs them and exits 1, before any test runs.
@@ -24,6 +25,9 @@ case "${1:-test}" in
     need_cmd haproxy haproxy                      # deploy config and the scale tests
     need_file /usr/bin/chromium chromium          # the browser page and Swagger UI tests
     need_file /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf fonts-noto-color-emoji
+    need_cmd zip zip                              # zip archives the batch tests upload
+    need_cmd cc gcc                               # builds the NVML-ABI test library
+    need_file /usr/include/string.h libc6-dev
     ;;
   image)
     if ! have docker || ! docker info >/dev/null 2>&1; then
