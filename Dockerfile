@@ -21,13 +21,12 @@ RUN --mount=type=secret,id=extra_ca \
     build-env python -m venv /opt/uv \
     && build-env /opt/uv/bin/pip install --no-cache-dir --disable-pip-version-check uv==0.13.9
 
-# Dependencies first (cached while only the code changes), then the project itself.
+# The locked environment only: it depends on pyproject.toml and uv.lock alone, so a code change
+# rebuilds nothing but the small code layer. The service runs from /app (`python REST.py`), which
+# puts the project's modules on sys.path; the project itself needs no install.
 COPY pyproject.toml uv.lock ./
 RUN --mount=type=secret,id=extra_ca \
     build-env /opt/uv/bin/uv sync --frozen --no-dev --no-install-project --compile-bytecode
-COPY . .
-RUN --mount=type=secret,id=extra_ca \
-    build-env /opt/uv/bin/uv sync --frozen --no-dev --compile-bytecode
 
 FROM ${BASE_IMAGE}
 

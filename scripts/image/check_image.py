@@ -260,7 +260,7 @@ def check_doctor(report: Report) -> None:
         report.check("doctor runs inside the image", False, inside.stderr[-500:])
         return
     same = {
-        key: (a[key][sub], b[key][sub])
+        f"{key}.{sub}": (a[key][sub], b[key][sub])
         for key, sub in [
             ("torch", "version"),
             ("torch", "cuda_available"),
