@@ -243,13 +243,19 @@ def test_each_process_records_its_imports(fake_kit: Path, tmp_path: Path) -> Non
 
 def test_version_table_names_each_difference() -> None:
     lines, differ = kit_env.table(
-        rehearsed={"torch": "2.11.0", "transformers": "5.17.0", "pandas": "3.1.1"},
-        host={"torch": "2.12.0", "transformers": "5.17.0"},
+        rehearsed={
+            "torch": "2.11.0",
+            "transformers": "5.17.0",
+            "pandas": "3.1.1",
+            "tokenizers": "0.23.3",
+        },
+        host={"torch": "2.12.0", "transformers": "5.17.0", "tokenizers": "0.22.0"},
         carried={"transformers": ("site", "4.25.1"), "jinja2": ("fallback", "3.1.6")},
         layers={"transformers": "site", "jinja2": "fallback"},
     )
     assert differ == [
-        "pandas: rehearsed with 3.1.1, this host has none (used as found)",
+        "pandas: rehearsed with 3.1.1, this host has none (absent here)",
+        "tokenizers: rehearsed with 0.23.3, this host has 0.22.0 (hidden by the shim)",
         "torch: rehearsed with 2.11.0, this host has 2.12.0 (used as found)",
     ]
     text = "\n".join(lines)

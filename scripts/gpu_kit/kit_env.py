@@ -79,6 +79,17 @@ def kit_versions() -> dict[str, tuple[str, str]]:
     }
 
 
+def difference_note(name: str, found: str, layer: str | None) -> str:
+    """What a version difference means for a kit run."""
+    if name == "tokenizers":
+        return "hidden by the shim"
+    if layer == "site":
+        return "shadowed by the kit"
+    if found == "-":
+        return "the kit's fallback copy is used" if layer == "fallback" else "absent here"
+    return "used as found"
+
+
 def table(
     rehearsed: dict[str, str],
     host: dict[str, str],
@@ -99,7 +110,7 @@ def table(
             used = f"host {found}" if found != "-" else "absent"
         rows.append((name, want, found, f"{ours} ({layer})" if layer else "-", used))
         if name in rehearsed and want != found:
-            note = "shadowed by the kit" if layers.get(name) == "site" else "used as found"
+            note = difference_note(name, found, layers.get(name))
             has = f"this host has {found}" if found != "-" else "this host has none"
             differ.append(f"{name}: rehearsed with {want}, {has} ({note})")
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
