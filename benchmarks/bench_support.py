@@ -9,6 +9,9 @@ import io
 import os
 import platform
 import random
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,4 +57,64 @@ def tiny_shapes_pngs(n: int, seed: int) -> list[bytes]:
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         out.append(buf.getvalue())
+    return out
+
+
+#: Variables that change how torch's OpenMP threads behave; stripped for a "default" run so a
+#: value left in the shell cannot leak into what is reported as the default environment.
+THREAD_ENV = (
+    "OMP_WAIT_POLICY",
+    "OMP_NUM_THREADS",
+    "GOMP_SPINCOUNT",
+    "MKL_NUM_THREADS",
+    "TORCH_THREADS",
+    "OMP_PROC_BIND",
+    "OMP_DYNAMIC",
+)
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """``label=K=V,K=V`` (``passive=OMP_WAIT_POLICY=PASSIVE``; ``default=`` for none)."""
+    label, _, rest = spec.partition("=")
+    env = dict(item.split("=", 1) for item in rest.split(",") if item)
+    return label or "default", env
+
+
+def variant_env(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    """`base` without the thread variables, plus the variant's own."""
+    return {**{k: v for k, v in base.items() if k not in THREAD_ENV}, **extra}
+
+
+@contextlib.contextmanager
+def busy_neighbour(enabled: bool) -> Iterator[None]:
+    """A process beside the service that keeps one core busy (a pure-Python loop), like
+    another service on the same machine; nothing when not `enabled`."""
+    if not enabled:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def batch_histogram(base: str, timeout: float = 10.0) -> dict[str, int]:
+    """Batches run by batch-size bucket (`le`), from the service's /metrics (cumulative counts
+    turned into per-bucket counts)."""
+    import requests
+
+    text = requests.get(base + "/metrics", timeout=timeout).text
+    cumulative: list[tuple[float, int]] = []
+    for line in text.splitlines():
+        if line.startswith("blip2_model_batch_size_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            cumulative.append((float(le), int(float(line.rsplit(" ", 1)[1]))))
+    out: dict[str, int] = {}
+    previous = 0
+    for le, count in sorted(cumulative):
+        if count - previous:
+            out[f"<={le:g}"] = count - previous
+        previous = count
     return out

@@ -12,6 +12,9 @@ request runs the model; jobs in a temporary JOBS_DIR), then:
 Prints the machine, interactive p50/p95 for both phases, their ratio (the target: busy p50 at
 most 2x idle p50) and the job's throughput during the busy phase. The last line is JSON.
 `--omp-passive` starts the service with OMP_WAIT_POLICY=PASSIVE (see docs/performance.md).
+`--variant LABEL=K=V,...` (repeatable) measures the service once per environment in this run
+(e.g. `--variant default= --variant active=OMP_WAIT_POLICY=ACTIVE`); `--neighbour` keeps one
+core busy with another process for the whole run, like a second service on the machine.
 """
 
 from __future__ import annotations
@@ -33,7 +36,14 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_support import machine, tiny_shapes_pngs  # noqa: E402
+from bench_support import (  # noqa: E402
+    busy_neighbour,
+    describe,
+    machine,
+    parse_variant,
+    tiny_shapes_pngs,
+    variant_env,
+)
 
 TINY_YAML = ROOT / "models" / "tiny-shapes" / "model.yaml"
 READY_TIMEOUT_S = 300
@@ -47,10 +57,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_service(workdir: Path, omp_passive: bool) -> tuple[subprocess.Popen[bytes], str]:
+def start_service(workdir: Path, extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
-        **os.environ,
+        **variant_env(dict(os.environ), extra),
         "MODEL_CONFIG": str(TINY_YAML),
         "AUTO_UPDATE": "false",
         "PRIVATE": "true",
@@ -59,8 +69,6 @@ def start_service(workdir: Path, omp_passive: bool) -> tuple[subprocess.Popen[by
         "EMOJI_CACHE_DIR": str(workdir / "emoji"),
         "MAX_JOB_BYTES": str(1 << 30),
     }
-    if omp_passive:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
     log = (workdir / "service.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "REST.py", "--port", str(port)],
@@ -121,12 +129,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=150, help="interactive, per phase")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--omp-passive", action="store_true")
+    parser.add_argument("--variant", action="append", metavar="LABEL=K=V,K=V")
+    parser.add_argument("--neighbour", action="store_true", help="one busy process beside")
     args = parser.parse_args(argv)
+    print(describe(machine()) + (" (a busy neighbour ran)" if args.neighbour else ""), flush=True)
+    specs = args.variant or (
+        ["passive=OMP_WAIT_POLICY=PASSIVE"] if args.omp_passive else ["default="]
+    )
+    results = []
+    with busy_neighbour(args.neighbour):
+        for label, extra in [parse_variant(v) for v in specs]:
+            results.append(measure(args, label, extra))
+    if len(results) > 1:
+        first = results[0]
+        for other in results[1:]:
+            jobs = other["job_images_per_s_while_busy"] / max(
+                first["job_images_per_s_while_busy"], 1e-9
+            )
+            print(
+                f"{other['variant']} vs {first['variant']}: job images/s {jobs:.3f}x, "
+                f"busy p50 {other['busy_p50_ms'] / first['busy_p50_ms']:.3f}x, "
+                f"idle p50 {other['idle_p50_ms'] / first['idle_p50_ms']:.3f}x"
+            )  # fmt: skip
+    return 0 if all(r["ratio_p50"] <= TARGET_RATIO for r in results) else 1
 
+
+def measure(args: argparse.Namespace, label: str, extra: dict[str, str]) -> dict[str, Any]:
+    """One service in the `extra` environment: idle phase, then the job and the busy phase."""
     job_images = tiny_shapes_pngs(args.job_images, args.seed)
     probes = tiny_shapes_pngs(32, args.seed + 1)
     with tempfile.TemporaryDirectory(prefix="fairness-") as tmp:
-        proc, base = start_service(Path(tmp), args.omp_passive)
+        proc, base = start_service(Path(tmp), extra)
         try:
             interactive(base, probes, 10)  # warm-up
             idle = interactive(base, probes, args.requests)
@@ -162,11 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     idle_p50, busy_p50 = statistics.median(idle), statistics.median(busy)
     ratio = busy_p50 / idle_p50
-    print(
-        f"machine: {info['cpu']}, {info['cores']} cores, python {info['python']}, "
-        f"load average {info['load_1min']}, OMP_WAIT_POLICY "
-        f"{'PASSIVE' if args.omp_passive else os.environ.get('OMP_WAIT_POLICY', 'default')}"
-    )
+    print(f"variant {label}: {extra or 'the default environment'}; {describe(info)}")
     print(f"job: {args.job_images} images; interactive: 1 client, {args.requests} requests/phase")
     print(f"{'phase':<8}{'requests':>10}{'p50 ms':>10}{'p95 ms':>10}")
     for name, values in (("idle", idle), ("busy", busy)):
@@ -177,23 +206,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{'met' if ratio <= TARGET_RATIO else 'NOT met'}; job images/s while busy: "
         f"{done_during:.1f}; job final state: {last['state']}"
     )
-    print(
-        json.dumps(
-            {
-                "idle_p50_ms": round(idle_p50 * 1000, 1),
-                "idle_p95_ms": round(pct(idle, 0.95) * 1000, 1),
-                "busy_p50_ms": round(busy_p50 * 1000, 1),
-                "busy_p95_ms": round(pct(busy, 0.95) * 1000, 1),
-                "busy_requests": len(busy),
-                "ratio_p50": round(ratio, 2),
-                "job_images": args.job_images,
-                "job_images_per_s_while_busy": round(done_during, 1),
-                "job_state": last["state"],
-                **info,
-            }
-        )
-    )
-    return 0 if ratio <= TARGET_RATIO else 1
+    result = {
+        "variant": label,
+        "env": extra,
+        "neighbour": args.neighbour,
+        "idle_p50_ms": round(idle_p50 * 1000, 1),
+        "idle_p95_ms": round(pct(idle, 0.95) * 1000, 1),
+        "busy_p50_ms": round(busy_p50 * 1000, 1),
+        "busy_p95_ms": round(pct(busy, 0.95) * 1000, 1),
+        "busy_requests": len(busy),
+        "ratio_p50": round(ratio, 2),
+        "job_images": args.job_images,
+        "job_images_per_s_while_busy": round(done_during, 1),
+        "job_state": last["state"],
+        **info,
+    }
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def job_view_done(first: dict[str, Any], last: dict[str, Any], elapsed: float) -> float:

@@ -42,7 +42,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_support import tiny_shapes_pngs  # noqa: E402
+from bench_support import (  # noqa: E402
+    batch_histogram,
+    busy_neighbour,
+    describe,
+    machine,
+    parse_variant,
+    tiny_shapes_pngs,
+    variant_env,
+)
 
 TINY_YAML = ROOT / "models" / "tiny-shapes" / "model.yaml"
 READY_TIMEOUT_S = 900
@@ -224,8 +232,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--device", help="DEVICE for both servers, e.g. cuda (default: auto)")
     parser.add_argument("--url", help="drive this already running loopback server instead")
+    parser.add_argument(
+        "--ours-env",
+        action="append",
+        metavar="LABEL=K=V,K=V",
+        help="run ours once per variant, in this run (default: one run, 'default=')",
+    )
+    parser.add_argument("--neighbour", action="store_true", help="one busy process beside")
+    parser.add_argument("--skip-cache", action="store_true", help="no cache-hit phase")
     args = parser.parse_args(argv)
+    info = machine()
+    print(describe(info), flush=True)
+    with busy_neighbour(args.neighbour):
+        return run_all(args, info)
 
+
+def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
+    """Every server of this run, one after the other, with the same images."""
     images = tiny_shapes_pngs(args.images, args.seed)
     if args.url:
         return drive_existing(args, images)
@@ -243,9 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     env.update(model_env)
 
     results: dict[str, Run] = {}
+    histograms: dict[str, dict[str, int]] = {}
     ours_port = free_port()
     ours_env = {
-        **env,
+        **variant_env(env, {}),
         "PORT": str(ours_port),
         "PRIVATE": "true",
         "AUTO_UPDATE": "false",
@@ -258,24 +282,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.device:
         ours_env["DEVICE"] = args.device
     ours_base = f"http://127.0.0.1:{ours_port}"
-    proc = start([sys.executable, "REST.py"], ours_env, workdir / "ours.log")
-    try:
-        wait_ready(ours_base, proc, workdir / "ours.log")
-        ours_device = report_device("ours", ours_base, args.device)
-        drive("warm-up", ours_base, images[:2], 2, 0.1, timeout)
-        results["ours"] = drive("ours", ours_base, images, args.clients, args.duration, timeout)
-    finally:
-        stop(proc)
+    ours_device = "unknown"
+    for label, extra in [parse_variant(v) for v in args.ours_env or ["default="]]:
+        name = "ours" if label == "default" else f"ours:{label}"
+        log = workdir / f"{label}.log"
+        proc = start([sys.executable, "REST.py"], {**ours_env, **extra}, log)
+        try:
+            wait_ready(ours_base, proc, log)
+            ours_device = report_device(name, ours_base, args.device)
+            drive("warm-up", ours_base, images[:2], 2, 0.1, timeout)
+            warm = batch_histogram(ours_base)
+            results[name] = drive(name, ours_base, images, args.clients, args.duration, timeout)
+            after = batch_histogram(ours_base)
+            histograms[name] = {
+                k: n - warm.get(k, 0) for k, n in after.items() if n - warm.get(k, 0)
+            }
+        finally:
+            stop(proc)
 
-    # Cache hits: same server settings but with the cache on, the same image again and again.
-    cache_env = {**ours_env, "CACHE_SIZE": "1024"}
-    proc = start([sys.executable, "REST.py"], cache_env, workdir / "ours-cache.log")
-    try:
-        wait_ready(ours_base, proc, workdir / "ours-cache.log")
-        post(ours_base, images[0], timeout)  # fills the cache
-        hits = drive("cache-hit", ours_base, images[:1], 1, 5.0, timeout)
-    finally:
-        stop(proc)
+    hits = Run("cache-hit")
+    if not args.skip_cache:  # same server settings, cache on, the same image again and again
+        cache_env = {**ours_env, "CACHE_SIZE": "1024"}
+        proc = start([sys.executable, "REST.py"], cache_env, workdir / "ours-cache.log")
+        try:
+            wait_ready(ours_base, proc, workdir / "ours-cache.log")
+            post(ours_base, images[0], timeout)  # fills the cache
+            hits = drive("cache-hit", ours_base, images[:1], 1, 5.0, timeout)
+        finally:
+            stop(proc)
 
     if not args.skip_baseline:
         port = free_port()
@@ -304,10 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"python {platform.python_version()}, torch {torch.__version__}"
     )
+    print(describe({**info, **machine()}) + (" (a busy neighbour ran)" if args.neighbour else ""))
     print(
         f"model: {args.model}, clients: {args.clients}, duration: {args.duration:g}s per server, "
         f"precision (ours): {args.precision}, images: {args.images}, device (ours): {ours_device}"
     )
+    for name, hist in histograms.items():
+        print(f"{name} batch sizes (from /metrics): {hist}")
     print(f"{'server':<10}{'ok':>6}{'req/s':>10}{'p50 s':>10}{'p95 s':>10}  errors")
     for run in results.values():
         print(
@@ -316,18 +353,23 @@ def main(argv: list[str] | None = None) -> int:
         )
     hit_p50_ms = statistics.median(hits.latencies) * 1000 if hits.latencies else float("nan")
     print(f"cache hit: {hits.ok} requests, p50 {hit_p50_ms:.2f} ms")
-    ours = results["ours"]
-    summary = {
+    ours = next(run for name, run in results.items() if name.startswith("ours"))
+    summary: dict[str, object] = {
         "model": args.model,
         "clients": args.clients,
         "precision": args.precision,
         "device": ours_device,
+        "neighbour": args.neighbour,
         "ours_rps": round(ours.throughput, 4),
         "ours_p50_s": round(ours.pct(0.5), 4),
         "ours_p95_s": round(ours.pct(0.95), 4),
         "ours_errors": sum(ours.errors.values()),
         "cache_hit_p50_ms": round(hit_p50_ms, 3),
     }
+    for name, run in results.items():
+        if name.startswith("ours:"):
+            summary[f"{name}_rps"] = round(run.throughput, 4)
+            summary[f"{name}_vs_first"] = round(run.throughput / ours.throughput, 3)
     if "baseline" in results:
         baseline = results["baseline"]
         summary.update(

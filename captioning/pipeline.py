@@ -98,20 +98,30 @@ class Pipeline:
         deadline: float,
         tags: bool = False,
         priority: str = INTERACTIVE,
+        reservation: Reservation | None = None,
     ) -> CaptionResult:
         """Caption one image; raises the errors of captioning/errors.py, nothing else.
         `priority`: ``interactive`` (callers waiting) or ``bulk`` (job items; served by the
-        batcher only when no interactive request waits)."""
-        captioner, batcher = self.model.ready()
+        batcher only when no interactive request waits). `reservation`: the queue place the
+        caller took with :meth:`admit` (else one is taken here)."""
+        captioner, _ = self.model.ready()
         captioner.check_options(options)  # 400 before any download or decode
         if priority != INTERACTIVE:  # job items: bounded by the job worker, not the door
             staged = self._stage(source, captioner, options, deadline)
             return self.finish(staged, options, deadline=deadline, tags=tags, priority=priority)
-        with batcher.reserve(options.signature()) as reservation:  # QueueFull: 503 now
+        with reservation or self.admit(options) as reservation:
             staged = self._stage(source, captioner, options, deadline, reservation)
             return self.finish(
                 staged, options, deadline=deadline, tags=tags, reservation=reservation
             )
+
+    def admit(self, options: GenerationOptions) -> Reservation:
+        """A place in the model's queue for an interactive request, or an error now: NotReady
+        (loading), InvalidOption (400) or QueueFull (503 + Retry-After). Taken before anything
+        is read, so a refused request costs no download, decode slot or decode."""
+        captioner, batcher = self.model.ready()
+        captioner.check_options(options)
+        return batcher.reserve(options.signature())
 
     def stage(self, source: ImageSource, options: GenerationOptions, *, deadline: float) -> Staged:
         """Everything before the model: readiness, read, cache lookup, decode."""

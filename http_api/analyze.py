@@ -40,16 +40,24 @@ bp = Blueprint("analyze", __name__)
 @bp.before_request
 def _admit() -> None:
     """While the model loads (or after it failed) every analyze call is 503 (CONTRACT.md); with
-    every captioning slot taken, 503 + Retry-After at once instead of waiting for a thread."""
+    every captioning slot taken, or no place left in the model's queue, 503 + Retry-After at
+    once: before the body is parsed, the image read, downloaded or decoded. Options are
+    checked first (400 wins over 503: a bad request would not succeed later either)."""
     runtime = current_runtime()
     runtime.model.ready()
     if not runtime.analyze_slots.acquire(blocking=False):
         raise Overloaded("Server busy: too many requests in progress, retry shortly")
     g.analyze_slot = runtime.analyze_slots
+    options = GenerationOptions.from_public(request.args)
+    g.options = options
+    g.reservation = runtime.pipeline.admit(options)  # QueueFull: 503 now
 
 
 @bp.teardown_request
 def _release(_exc: BaseException | None) -> None:
+    reservation = g.pop("reservation", None)
+    if reservation is not None:
+        reservation.release()  # a no-op once the request reached the queue
     slot = g.pop("analyze_slot", None)
     if slot is not None:
         slot.release()
@@ -59,11 +67,15 @@ def _release(_exc: BaseException | None) -> None:
 @bp.route("/v3/analyze", methods=["GET", "POST"])
 def analyze() -> Response:
     runtime = current_runtime()
-    options = GenerationOptions.from_public(request.args)
+    options: GenerationOptions = g.options
     tags = tags_requested(request.args)
     source = image_source(request, runtime.images)
     result = runtime.pipeline.caption(
-        source, options, deadline=runtime.pipeline.deadline(started_at()), tags=tags
+        source,
+        options,
+        deadline=runtime.pipeline.deadline(started_at()),
+        tags=tags,
+        reservation=g.reservation,
     )
     g.cached = result.cached  # for the access log
     return success(result.predictions, cached=result.cached)
