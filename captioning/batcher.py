@@ -134,6 +134,7 @@ class Batcher(Generic[Item, Result]):
         self._reserved = 0  # reservations held (count against max_queue)
         self._arriving: dict[Hashable, int] = {}  # of those, being prepared, by group
         self._last_batch_s = 0.0
+        self._last_size, self._last_group = 0, None  # of the last interactive-led batch
         self._setup: Callable[[], Callable[[Sequence[Item], Any], Sequence[Result]]] | None = None
         self._setup_done = threading.Event()
         self._setup_error: BaseException | None = None
@@ -360,9 +361,14 @@ class Batcher(Generic[Item, Result]):
 
     def _arrival_wait_locked(self, first: _Job[Item, Result], size: int, until: float) -> float:
         """Seconds more to wait for reserved same-group requests already being prepared (they
-        are moments away): at most a share of the last batch's time, never more than
-        MAX_ARRIVAL_WAIT_S after `batch_wait`. 0: start the batch now."""
-        if first.priority == BULK or not self._arriving.get(first.group):
+        are moments away), or, while this batch is smaller than the last interactive one of its
+        group, for that batch's callers to come back (closed-loop clients): at most a share of
+        the last batch's time, never more than MAX_ARRIVAL_WAIT_S after `batch_wait`. 0: start
+        the batch now."""
+        if first.priority == BULK:
+            return 0.0
+        returning = first.group == self._last_group and size < self._last_size
+        if not self._arriving.get(first.group) and not returning:
             return 0.0
         patience = min(MAX_ARRIVAL_WAIT_S, ARRIVAL_WAIT_SHARE * self._last_batch_s)
         return until + patience - time.monotonic()
@@ -425,6 +431,8 @@ class Batcher(Generic[Item, Result]):
         self.items_run += len(jobs)
         took = time.monotonic() - started
         self._last_batch_s = took / len(jobs) * self.max_batch_size  # a full batch's time
+        if jobs[0].priority == INTERACTIVE:
+            self._last_size, self._last_group = len(jobs), jobs[0].group
         _notify(self._on_batch, len(jobs), took)
         for job, result in zip(jobs, results, strict=True):
             job.future.set_result(result)

@@ -209,6 +209,27 @@ def test_a_batch_waits_for_requests_being_prepared(make_batcher) -> None:
     assert run.batches[1] == ["a", "b", "c"]
 
 
+def test_closed_loop_clients_of_the_last_batch_are_waited_for(make_batcher) -> None:
+    """After a batch of 3, the next batch waits (a bounded moment) for 3 again: the callers of
+    the last batch come back one by one, and alternating small cohorts would waste the model."""
+    run = Recorder(delay=0.8)
+    batcher = make_batcher(run, max_batch_size=4, max_queue=8, batch_wait_ms=0)
+    warm = batcher.submit("warm", None, "g", far())
+    time.sleep(0.1)
+    cohort = [batcher.submit(n, None, "g", far()) for n in "abc"]
+    assert [f.result(timeout=10) for f in [warm, *cohort]] == ["warm", "a", "b", "c"]
+    assert run.batches[1] == ["a", "b", "c"]
+    back = [batcher.submit("d", None, "g", far())]
+    time.sleep(0.1)  # the others are a moment behind
+    back += [batcher.submit(n, None, "g", far()) for n in "ef"]
+    assert [f.result(timeout=10) for f in back] == ["d", "e", "f"]
+    assert run.batches[2] == ["d", "e", "f"]
+    other = batcher.submit("x", None, "other-group", far())  # no history: no wait
+    started = time.monotonic()
+    assert other.result(timeout=10) == "x"
+    assert time.monotonic() - started < 0.8 + 0.15
+
+
 def test_a_batch_does_not_wait_for_places_still_downloading(make_batcher) -> None:
     run = Recorder(delay=0.4)
     batcher = make_batcher(run, max_batch_size=4, max_queue=8, batch_wait_ms=0)
