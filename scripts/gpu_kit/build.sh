@@ -19,6 +19,8 @@ die() { echo "gpu-kit: $*" >&2; exit 1; }
 
 [ -x "$PY" ] || die "no $PY: run 'make sync' first"
 cd "$ROOT"
+git rev-parse --is-inside-work-tree >/dev/null 2>&1 \
+  || die "needs a git checkout: the source copy is the files git tracks (plus untracked, not ignored)"
 
 # A stale kit must never be mistaken for this one: build into a fresh folder, then swap.
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/gpu-kit.XXXXXX")"  # outside the tree: never copied into src/

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+for _path in (str(ROOT / "scripts"), str(ROOT)):  # blip2_model, tiny_shapes when run as a script
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 TINY_YAML = ROOT / "models" / "tiny-shapes" / "model.yaml"
 TEXTS = (
