@@ -181,6 +181,17 @@ def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def carry_bytes(path: Path) -> int:
+    """What moving the folder costs, as tar counts it: a 512-byte header per entry and each
+    file padded to 512 bytes (a little more than the files' own bytes: ~2,900 small files)."""
+    total = 0
+    for p in path.rglob("*"):
+        total += 512
+        if p.is_file() and not p.is_symlink():
+            total += -(-p.stat().st_size // 512) * 512
+    return total
+
+
 def read_image_versions(path: Path = IMAGE_VERSIONS) -> dict[str, str]:
     """The host stack the kit was rehearsed with: `name version` lines."""
     out = {}
@@ -218,6 +229,7 @@ def write_manifest(kit: Path, packages: list[Package], lock: dict[str, str], pru
         "transformers_modules_pruned": pruned,
         "rehearsed_host": read_image_versions(),
         "bytes": {"total": total, **parts},
+        "carry_bytes": carry_bytes(kit),
         "limit_bytes": LIMIT_BYTES,
     }
     (kit / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -246,13 +258,16 @@ def finish(kit: Path) -> int:
         print("GPU kit is not pure Python:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 1
     manifest = write_manifest(kit, packages, lock, len(pruned))
-    total = manifest["bytes"]["total"]
+    total, carry = manifest["bytes"]["total"], manifest["carry_bytes"]
     sizes = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in manifest["bytes"].items() if k != "total")
-    print(f"kit size {total / 2**20:.1f} MiB of {LIMIT_BYTES / 2**20:.0f} MiB ({sizes} MiB)")
-    if total > LIMIT_BYTES:
+    print(
+        f"kit size {total / 2**20:.1f} MiB of files, {carry / 2**20:.1f} MiB to carry (as tar); "
+        f"limit {LIMIT_BYTES / 2**20:.0f} MiB ({sizes} MiB)"
+    )
+    if carry > LIMIT_BYTES:
         print(
-            f"GPU kit is {total / 2**20:.1f} MiB, over the {LIMIT_BYTES / 2**20:.0f} MiB that can "
-            "be carried to a GPU machine",
+            f"GPU kit is {carry / 2**20:.1f} MiB to carry, over the {LIMIT_BYTES / 2**20:.0f} MiB "
+            "that can be carried to a GPU machine",
             file=sys.stderr,
         )
         return 1
