@@ -81,5 +81,5 @@ requirements:
 
 # The GPU kit: pure-Python wheels, stubs and run.sh for a GPU host whose own Python stack is not
 # ours (docs/gpu.md). Writes gpu-kit/ (ignored by git, at most 64 MiB).
-gpu-kit: sync
+gpu-kit: sync-test
 	bash scripts/gpu_kit/build.sh
