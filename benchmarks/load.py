@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--neighbour", action="store_true", help="one busy process beside")
     parser.add_argument("--skip-cache", action="store_true", help="no cache-hit phase")
+    parser.add_argument("--large-dir", type=Path, help="keep the random large_coco here (reused)")
     args = parser.parse_args(argv)
     info = machine()
     print(describe(info), flush=True)
@@ -258,7 +259,7 @@ def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
         baseline_model = ["--model-config", str(TINY_YAML)]
         timeout = 60.0
     else:
-        model_dir = prepare_large_random(workdir, args.seed)
+        model_dir = prepare_large_random(args.large_dir or workdir, args.seed)
         model_env = {"MODEL_DIR": str(model_dir), "MODEL_DOWNLOAD": "false"}
         baseline_model = ["--model-dir", str(model_dir)]
         timeout = 600.0
