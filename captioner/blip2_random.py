@@ -93,7 +93,7 @@ def random_model_dir(model_name: str, model_type: str, directory: Path) -> Blip2
     config = LM_CONFIGS[spec.lm_hub_id]
     (spec.lm_dir / "config.json").write_text(json.dumps(config), encoding="utf-8")
     if config["model_type"] == "opt":
-        write_opt_tokenizer(spec.lm_dir, ["a", "photo", "of"])
+        write_opt_tokenizer(spec.lm_dir, ["a", "photo", "of"], size=config["vocab_size"])
     else:
         write_t5_tokenizer(spec.lm_dir, ["a", "photo", "of"])
     spec.checkpoint = None

@@ -46,9 +46,14 @@ def bpe_tables(words: Iterable[str]) -> tuple[dict[str, int], list[tuple[str, st
     return vocab, merges
 
 
-def write_opt_tokenizer(directory: Path, words: Iterable[str]) -> int:
-    """vocab.json, merges.txt and OPT's tokenizer settings; returns the vocabulary size."""
+def write_opt_tokenizer(directory: Path, words: Iterable[str], size: int = 0) -> int:
+    """vocab.json, merges.txt and OPT's tokenizer settings; returns the vocabulary size.
+
+    `size` pads the vocabulary with filler words (never produced by the merges, decodable)
+    up to a model's vocab_size, for random-weight models whose ids can be anything."""
     vocab, merges = bpe_tables(words)
+    while len(vocab) < size:
+        vocab.setdefault(f"\u0120w{len(vocab)}", len(vocab))
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]

@@ -36,9 +36,10 @@ log = logging.getLogger("train_tiny_blip2")
 
 DEFAULT_OUT = ROOT / "models" / "tiny-blip2"
 PROMPT = "a photo of"
-IMAGE_SIZE = 96
+IMAGE_SIZE = 96  # as tiny-shapes, whose image encoder this one starts from
 NUM_QUERY_TOKEN = 8
-VIT = {"patch_size": 16, "embed_dim": 96, "depth": 3, "num_heads": 4, "mlp_ratio": 4.0}
+VIT = {"patch_size": 16, "embed_dim": 128, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0}
+VIT_FROM = ROOT / "models" / "tiny-shapes" / "checkpoint.pth"
 QFORMER = {
     "vocab_size": 64,  # LAVIS drops the Q-Former's word embeddings and LM head for captioning
     "hidden_size": 96,
@@ -96,8 +97,38 @@ def write_model_folder(out: Path) -> Path:
     return path
 
 
-def fresh_model(spec: Any) -> Any:
-    """The assembled Blip2OPT with a newly initialised OPT (LAVIS's class), all trainable."""
+def vit_from_tiny_shapes(path: Path) -> dict[str, Any]:
+    """The tiny-shapes BLIP v1 image encoder as EVA ViT weights (plus ln_vision).
+
+    BLIP-2 starts from a pretrained, frozen image encoder (EVA ViT-g); so does the tiny one,
+    from the project's own tiny-shapes model, whose LAVIS v1 ViT has the same blocks. EVA's
+    attention has q and v biases only: the k bias is dropped, which is exact (it adds the same
+    q.b_k to every key's score, and softmax ignores a constant). v1's final norm becomes
+    Blip2's ln_vision."""
+    import torch
+
+    state = torch.load(str(path), map_location="cpu", weights_only=True)["model"]
+    vit = {
+        k.removeprefix("visual_encoder."): v
+        for k, v in state.items()
+        if k.startswith("visual_encoder.")
+    }
+    out: dict[str, Any] = {}
+    for key, value in vit.items():
+        if key.endswith("attn.qkv.bias"):
+            q, _k, v = value.chunk(3)
+            out["visual_encoder." + key.replace("qkv.bias", "q_bias")] = q
+            out["visual_encoder." + key.replace("qkv.bias", "v_bias")] = v
+        elif key.startswith("norm."):
+            out["ln_vision." + key.removeprefix("norm.")] = value
+        else:
+            out["visual_encoder." + key] = value
+    return out
+
+
+def fresh_model(spec: Any, vit_from: Path | None) -> Any:
+    """The assembled Blip2OPT with a newly initialised OPT (LAVIS's class); the image encoder
+    from tiny-shapes and frozen, as BLIP-2 freezes EVA ViT-g; the rest trainable."""
     from lavis.models.blip2_models.modeling_opt import OPTConfig, OPTForCausalLM
 
     from captioner.blip2_build import build_blip2
@@ -106,6 +137,12 @@ def fresh_model(spec: Any) -> Any:
     model.opt_model = OPTForCausalLM(OPTConfig.from_pretrained(str(spec.lm_dir)))
     for param in model.parameters():
         param.requires_grad = True
+    if vit_from is not None:
+        result = model.load_state_dict(vit_from_tiny_shapes(vit_from), strict=False)
+        if result.unexpected_keys or any(k.startswith("visual_") for k in result.missing_keys):
+            raise SystemExit(f"{vit_from} does not fit the image encoder: {result}")
+        for param in model.visual_encoder.parameters():
+            param.requires_grad = False
     return model
 
 
@@ -148,7 +185,7 @@ def train(out: Path, seed: int, steps: int, batch_size: int, train_size: int, ar
     spec.checkpoint = None
     torch.manual_seed(seed)
     random.seed(seed)
-    model = fresh_model(spec)
+    model = fresh_model(spec, None if args.vit_from == Path("none") else args.vit_from)
     log.info("model: %.2fM parameters", count_parameters(model) / 1e6)
 
     started = time.monotonic()
@@ -156,7 +193,8 @@ def train(out: Path, seed: int, steps: int, batch_size: int, train_size: int, ar
     images, captions = make_dataset(train_size, seed, resize)
     log.info("drew %d training images in %.1fs", train_size, time.monotonic() - started)
 
-    optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
 
     def lr_at(step: int) -> float:
@@ -209,14 +247,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--steps", type=int, default=2800)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=48)
     parser.add_argument("--train-size", type=int, default=40000)
-    parser.add_argument("--eval-every", type=int, default=700, help="0 = no held-out checks")
+    parser.add_argument("--eval-every", type=int, default=500, help="0 = no held-out checks")
     # 3e-3 (or bf16 autocast) left the loss on a plateau at 0.55: language learnt, image not.
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (shared CPUs)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast while training")
+    parser.add_argument(
+        "--vit-from", type=Path, default=VIT_FROM, help="tiny-shapes checkpoint, or 'none'"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     train(args.out, args.seed, args.steps, args.batch_size, args.train_size, args)
