@@ -53,6 +53,9 @@ def build_settings(args: argparse.Namespace) -> Settings:
     return settings.with_overrides(private=False) if args.host else settings
 
 
+GIL_SWITCH_INTERVAL_S = 0.001
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = build_settings(parse_args(argv))
@@ -61,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level, settings.log_format)
     tune_malloc()
+    # The inference thread runs Hugging Face's generate loop in Python, holding the GIL between
+    # torch calls; every other thread (waitress's socket loop reading bodies 8 KB at a time, a
+    # request thread refusing with 503, /health) waits up to the switch interval each time it
+    # wants the GIL back. CPython's 5 ms made a refused request wait ~0.3 s under a burst; 1 ms
+    # keeps the door and /health quick (docs/performance.md).
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     if settings.device and settings.device.startswith("cuda"):
         try:  # an explicit GPU that cannot be used will never start: say why and stop now
             plan_device(settings.device, settings.precision)

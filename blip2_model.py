@@ -23,12 +23,13 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from captioning.errors import InvalidOption
 from captioning.options import GenerationOptions
+from image_prep import image_transform, prepare_pixels
 from model_spec import (
     TOKENIZER_DIRNAME,
     ModelError,
@@ -60,8 +61,10 @@ __all__ = [
     "ModelSpec",
     "build_model",
     "count_parameters",
+    "image_transform",
     "lavis_spec",
     "load_checkpoint",
+    "prepare_pixels",
     "stock_generate",
     "write_placeholder_tokenizer",
     "yaml_spec",
@@ -176,47 +179,6 @@ def write_placeholder_tokenizer(directory: Path, vocab_size: int = 30522) -> Pat
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
     return directory
-
-
-def image_transform(spec: ModelSpec) -> Callable[[Image.Image], torch.Tensor]:
-    """BLIP's eval preprocessing: exact square resize (bicubic), to tensor, CLIP normalise.
-
-    torchvision's, as stock LAVIS builds it (the reference server and training use it); the
-    service prepares with :func:`prepare_pixels`, which gives the same bits without torch."""
-    from torchvision import transforms
-    from torchvision.transforms import InterpolationMode
-
-    return transforms.Compose(
-        [
-            transforms.Resize(
-                (spec.image_size, spec.image_size), interpolation=InterpolationMode.BICUBIC
-            ),
-            transforms.ToTensor(),
-            transforms.Normalize(spec.mean, spec.std),
-        ]
-    )
-
-
-def prepare_pixels(image: Image.Image, spec: ModelSpec) -> torch.Tensor:
-    """:func:`image_transform` bit for bit, in Pillow and NumPy, with no torch operator.
-
-    Why: with libgomp every thread that enters a torch parallel region (ToTensor's copy and
-    Normalize on 384x384x3 floats are large enough to be split) gets an OpenMP team of its own,
-    whose idle threads then spin on the cores the inference thread needs. Request threads call
-    this; only the inference thread runs torch. The arithmetic is the same float32 IEEE
-    division and subtraction as torchvision's, so the result is identical (tested)."""
-    import numpy as np
-    import torch
-    from PIL import Image as PILImage
-
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    size = (spec.image_size, spec.image_size)
-    resized = rgb.resize(size, PILImage.Resampling.BICUBIC) if rgb.size != size else rgb
-    pixels = np.asarray(resized, dtype=np.uint8).astype(np.float32)
-    pixels /= np.float32(255)
-    pixels -= np.asarray(spec.mean, dtype=np.float32)
-    pixels /= np.asarray(spec.std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
 def count_parameters(model: Any) -> int:
@@ -409,6 +371,12 @@ class Captioner:
         from PIL import Image
 
         self.caption([Image.new("RGB", (self.spec.image_size,) * 2, (127, 127, 127))])
+
+    def choose_threads(self, batch: int = 1) -> int:
+        """All cores or one, whichever captions faster (see cpu_threads.choose_threads)."""
+        from cpu_threads import choose_threads
+
+        return choose_threads(self, batch)
 
 
 def stock_generate(

@@ -3,22 +3,24 @@
 # machine: run it alone (e.g. `flock -x /tmp/cpu.lock bash benchmarks/cpu_table.sh OUTDIR`).
 # Variants: "default" is the environment as shipped (thread variables stripped); "gomp" is
 # libgomp's own default (spin 300,000 rounds, then sleep: what the service did before it chose
-# a policy itself); "threads1" is TORCH_THREADS=1. Each step's output goes to OUTDIR/<step>.txt.
+# a policy itself); "threads1" is TORCH_THREADS=1; "passive2" is every core, passive. Each step's output goes to OUTDIR/<step>.txt.
 set -u
 out=${1:?usage: cpu_table.sh OUTDIR}
 mkdir -p "$out"
 py=${PYTHON:-.venv/bin/python}
 GOMP="gomp=OMP_WAIT_POLICY=active,GOMP_SPINCOUNT=300000"
+TWO="passive2=TORCH_THREADS=2,OMP_WAIT_POLICY=passive"
 ONE="threads1=TORCH_THREADS=1"
-step() { name=$1; shift; echo "== $name $(date -u +%H:%M:%S)"; "$py" "$@" >"$out/$name.txt" 2>&1; tail -n 2 "$out/$name.txt"; }
-step admission benchmarks/admission.py --rounds 3
-step fairness-idle benchmarks/fairness.py --job-images 1000 --requests 100 --variant default= --variant "$GOMP" --variant "$ONE"
-step fairness-busy benchmarks/fairness.py --job-images 1000 --requests 100 --neighbour --variant default= --variant "$GOMP" --variant "$ONE"
-step load-tiny-idle benchmarks/load.py --model tiny --duration 20 --ours-env default= --ours-env "$GOMP" --ours-env "$ONE"
-step load-tiny-busy benchmarks/load.py --model tiny --duration 20 --neighbour --skip-cache --skip-baseline --ours-env default= --ours-env "$GOMP" --ours-env "$ONE"
+# STEPS="a b": run only those steps (by name), e.g. to add a missing line to a table.
+step() { name=$1; shift; [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $name "* ]] || return 0; echo "== $name $(date -u +%H:%M:%S)"; "$py" "$@" >"$out/$name.txt" 2>&1; tail -n 2 "$out/$name.txt"; }
+step load-tiny-idle benchmarks/load.py --model tiny --duration 20 --ours-env default= --ours-env "$GOMP" --ours-env "$ONE" --ours-env "$TWO"
 step load-large-fp32-idle benchmarks/load.py --large-dir "$out/large-random" --model large-random --duration ${LARGE_S:-120} --skip-cache --ours-env default= --ours-env "$GOMP"
-step load-large-bf16-idle benchmarks/load.py --large-dir "$out/large-random" --model large-random --precision bf16 --duration 60 --skip-cache --skip-baseline --ours-env default= --ours-env "$GOMP"
-step load-large-fp32-busy benchmarks/load.py --large-dir "$out/large-random" --model large-random --duration ${LARGE_S:-120} --neighbour --skip-cache --skip-baseline --ours-env default= --ours-env "$ONE"
-step load-large-bf16-busy benchmarks/load.py --large-dir "$out/large-random" --model large-random --precision bf16 --duration 60 --neighbour --skip-cache --skip-baseline --ours-env default= --ours-env "$ONE"
+step load-large-bf16-idle benchmarks/load.py --large-dir "$out/large-random" --model large-random --precision bf16 --duration ${BF16_S:-60} --skip-cache --skip-baseline --ours-env default= --ours-env "$GOMP"
+step admission benchmarks/admission.py --rounds 3
+step fairness-idle benchmarks/fairness.py --job-images 800 --requests 80 --variant default= --variant "$GOMP" --variant "$ONE"
+step fairness-busy benchmarks/fairness.py --job-images 800 --requests 80 --neighbour --variant default= --variant "$GOMP" --variant "$ONE"
+step load-tiny-busy benchmarks/load.py --model tiny --duration 20 --neighbour --skip-cache --skip-baseline --ours-env default= --ours-env "$GOMP" --ours-env "$ONE" --ours-env "$TWO"
+step load-large-fp32-busy benchmarks/load.py --large-dir "$out/large-random" --model large-random --duration ${LARGE_BUSY_S:-120} --neighbour --skip-cache --skip-baseline --ours-env default= --ours-env "$ONE"
+step load-large-bf16-busy benchmarks/load.py --large-dir "$out/large-random" --model large-random --precision bf16 --duration ${BF16_S:-60} --neighbour --skip-cache --skip-baseline --ours-env default= --ours-env "$ONE"
 step batch-profile-fp32 benchmarks/batch_profile.py --rounds 2
 echo "== done $(date -u +%H:%M:%S)"

@@ -117,11 +117,18 @@ class Pipeline:
 
     def admit(self, options: GenerationOptions) -> Reservation:
         """A place in the model's queue for an interactive request, or an error now: NotReady
-        (loading), InvalidOption (400) or QueueFull (503 + Retry-After). Taken before anything
-        is read, so a refused request costs no download, decode slot or decode."""
+        (loading), QueueFull (503 + Retry-After) or InvalidOption (400). Taken before anything
+        is read, so a refused request costs no download, decode slot or decode; the queue is
+        checked before the options because a refusal must cost next to nothing (the GIL is
+        shared with the inference thread's Python)."""
         captioner, batcher = self.model.ready()
-        captioner.check_options(options)
-        return batcher.reserve(options.signature())
+        reservation = batcher.reserve(options.signature())  # the cheap refusal first
+        try:
+            captioner.check_options(options)  # tokenizes the prompt: ~1 ms of Python
+        except BaseException:
+            reservation.release()
+            raise
+        return reservation
 
     def stage(self, source: ImageSource, options: GenerationOptions, *, deadline: float) -> Staged:
         """Everything before the model: readiness, read, cache lookup, decode."""

@@ -130,6 +130,9 @@ class Runtime:
         self.device_plan = plan_device(self.settings.device, self.settings.precision)
         captioner = Captioner.load(self.settings, plan=self.device_plan)
         captioner.warmup()  # the first request should not pay for lazy initialisation
+        if not self.settings.torch_threads:
+            # one core or all: whichever this model runs a full batch faster
+            captioner.choose_threads(self.settings.max_batch_size)
         return captioner
 
     def begin_drain(self) -> None:

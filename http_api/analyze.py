@@ -41,8 +41,7 @@ bp = Blueprint("analyze", __name__)
 def _admit() -> None:
     """While the model loads (or after it failed) every analyze call is 503 (CONTRACT.md); with
     every captioning slot taken, or no place left in the model's queue, 503 + Retry-After at
-    once: before the body is parsed, the image read, downloaded or decoded. Options are
-    checked first (400 wins over 503: a bad request would not succeed later either)."""
+    once: before the body is parsed, the image read, downloaded or decoded."""
     runtime = current_runtime()
     runtime.model.ready()
     if not runtime.analyze_slots.acquire(blocking=False):

@@ -277,3 +277,21 @@ def test_a_request_that_cannot_be_queued_is_refused_before_decoding(
     assert _post(server.url, b"not an image at all").status_code == 400
     assert _post(server.url, two_red_circles()).status_code == 200
     assert server.runtime.model.batcher.reserved == 0  # every place given back
+
+
+def test_choose_threads_keeps_the_faster_setting(tiny_captioner) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        chosen = tiny_captioner.choose_threads()
+        assert chosen in {1, before}
+        assert torch.get_num_threads() == chosen
+        # The model still captions the same way with the chosen setting.
+        image = Image.new("RGB", (96, 96), (200, 30, 30))
+        torch.set_num_threads(before)
+        reference = tiny_captioner.caption([image])
+        torch.set_num_threads(chosen)
+        assert tiny_captioner.caption([image]) == reference
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,60 @@
+"""How many cores the model's own thread should use: all of them, or one.
+
+Called once at start-up on the inference thread (torch's thread count is an OpenMP setting of the
+calling thread), when TORCH_THREADS is not set.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from blip2_model import Captioner
+
+log = logging.getLogger(__name__)
+
+
+def choose_threads(captioner: Captioner, batch: int = 1) -> int:
+    """With TORCH_THREADS unset on a CPU: time a warm caption with every core and with one
+    (interleaved, best of each), keep one unless every core is clearly (5 %) faster, and
+    return it. A fast model is timed on a full `batch` (what it runs under load; at one image
+    its ops are too small to tell), a slow one on one image. Call on the thread that runs the
+    model (the setting is per OpenMP thread) after `Captioner.warmup`.
+
+    Why: splitting an op across cores pays only when the op is big. ViT-L at 384 px is
+    (2 threads: about 2x faster); the tiny model's ops are so small that the fork/join of
+    every parallel region costs more than it saves (measured 1.8x more requests per second
+    with one thread, docs/performance.md). Timing the real model decides for any model."""
+    from PIL import Image
+
+    torch = captioner._torch
+    most = torch.get_num_threads()
+    if most <= 1 or not captioner.device.startswith("cpu"):
+        return most
+    image = Image.new("RGB", (captioner.spec.image_size,) * 2, (127, 127, 127))
+    started = time.perf_counter()
+    captioner.caption([image])
+    images = [image] * (max(1, batch) if time.perf_counter() - started < 0.25 else 1)
+    best: dict[int, float] = {}
+    for round_no in range(3):
+        for threads in (most, 1):
+            torch.set_num_threads(threads)
+            started = time.perf_counter()
+            captioner.caption(images)
+            took = time.perf_counter() - started
+            best[threads] = min(best.get(threads, took), took)
+        if round_no == 0 and best[most] > 0.5:
+            break  # a big model: one round is clear enough, and each costs seconds
+    chosen = most if best[most] < 0.95 * best[1] else 1
+    torch.set_num_threads(chosen)
+    log.info(
+        "torch threads: %d (%d warm captions took %.1f ms with %d threads, %.1f ms with 1)",
+        chosen,
+        len(images),
+        best[most] * 1e3,
+        most,
+        best[1] * 1e3,
+    )
+    return chosen
