@@ -78,18 +78,31 @@ def _threads_after(work: Callable[[], object]) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
 def test_preparing_an_image_starts_no_openmp_team() -> None:
-    import torch
-
-    if torch.get_num_threads() < 2:
+    """Measured in a fresh interpreter: earlier tests in this process leave OpenMP and thread
+    pool state behind that would hide (or fake) a new team."""
+    code = (
+        "import dataclasses, sys, torch; sys.path[:0] = ['tests', 'scripts']\n"
+        "import test_cpu_serving as t\n"
+        "from blip2_model import image_transform, prepare_pixels, yaml_spec\n"
+        "if torch.get_num_threads() < 2: print('one-thread'); raise SystemExit\n"
+        "spec = dataclasses.replace(yaml_spec(t.TINY_YAML), image_size=384)\n"
+        "image = t._images()[0]\n"
+        "reference = image_transform(spec)\n"
+        "print(t._threads_after(lambda: None), t._threads_after(lambda: reference(image)),"
+        " t._threads_after(lambda: prepare_pixels(image, spec)))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    last = run.stdout.strip().splitlines()[-1]
+    if last == "one-thread":
         pytest.skip("one torch thread: torch never starts a team here")
-    spec = dataclasses.replace(yaml_spec(TINY_YAML), image_size=384)
-    image = _images()[0]
-    reference = image_transform(spec)
-    baseline = _threads_after(lambda: None)
+    baseline, torchvision_threads, ours = map(int, last.split())
     # The control: torchvision's transform at 384 px runs parallel regions, so the fresh
     # thread gets a team and the process has more threads; the measurement can see a team.
-    assert _threads_after(lambda: reference(image)) > baseline
-    assert _threads_after(lambda: prepare_pixels(image, spec)) == baseline
+    assert torchvision_threads > baseline
+    assert ours == baseline
 
 
 # ----------------------------------------------------------------------------- wait policy
