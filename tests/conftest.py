@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,25 @@ def redis_server(tmp_path: Path) -> Iterator[str]:
     server = RedisProcess(tmp_path)
     yield server.url
     server.close()
+
+
+def far() -> float:
+    """A deadline no batcher test reaches."""
+    return time.monotonic() + 30
+
+
+@pytest.fixture
+def make_batcher() -> Iterator[Callable[..., object]]:
+    """Start Batchers around a test's run_batch; every one is stopped afterwards."""
+    from captioning.batcher import Batcher
+
+    made: list[Batcher] = []
+
+    def make(run: Callable[..., object], **kw: object) -> Batcher:
+        batcher: Batcher = Batcher(run, **kw).start()  # type: ignore[arg-type]
+        made.append(batcher)
+        return batcher
+
+    yield make
+    for batcher in made:
+        batcher.stop()

@@ -8,13 +8,14 @@ import dataclasses
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import requests
+from conftest import far
 
 from blip2_model import GenerationOptions
-from captioning.batcher import Batcher, DeadlineExceeded, QueueFull
+from captioning.batcher import DeadlineExceeded, QueueFull
 from captioning.result_cache import MemoryCache, RedisCache, cache_key, cacheable
 from test_rest_api import assert_success, two_red_circles
 
@@ -43,24 +44,6 @@ class Recorder:
 
 class OutOfMemoryError(RuntimeError):
     """Same name as torch.cuda.OutOfMemoryError, which the batcher recognises by name."""
-
-
-@pytest.fixture
-def make_batcher() -> Iterator:
-    made: list[Batcher] = []
-
-    def make(run, **kw) -> Batcher:
-        b = Batcher(run, **kw).start()
-        made.append(b)
-        return b
-
-    yield make
-    for b in made:
-        b.stop()
-
-
-def far() -> float:
-    return time.monotonic() + 30
 
 
 def test_same_options_share_a_batch_up_to_the_limit(make_batcher) -> None:

@@ -12,16 +12,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+from conftest import far
 from PIL import Image
 
 from blip2_model import image_transform, prepare_pixels, yaml_spec
-from captioning.batcher import Batcher, QueueFull
+from captioning.batcher import QueueFull
 from test_rest_api import two_red_circles
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,24 +161,6 @@ class Recorder:
         self.batches.append(list(items))
         time.sleep(self.delay)
         return list(items)
-
-
-@pytest.fixture
-def make_batcher() -> Iterator[Callable[..., Batcher]]:
-    made: list[Batcher] = []
-
-    def make(run: Recorder, **kw: object) -> Batcher:
-        batcher: Batcher = Batcher(run, **kw).start()  # type: ignore[arg-type]
-        made.append(batcher)
-        return batcher
-
-    yield make
-    for batcher in made:
-        batcher.stop()
-
-
-def far() -> float:
-    return time.monotonic() + 30
 
 
 def test_reservations_count_against_the_queue_and_are_never_refused(make_batcher) -> None:
