@@ -62,7 +62,6 @@ FORBIDDEN_PATHS = [
     "/app/.venv/.cache",
     "/root/.cache",
     "/home/blip/.cache",
-    "/root/.cache/uv",
     "/opt/uv",
 ]
 
