@@ -17,11 +17,11 @@ import sys
 from flask import Flask
 
 import http_api
+from captioner.device import DeviceError, plan_device
+from captioner.malloc_tuning import tune_malloc
 from captioning.runtime import Runtime
 from http_api.server import HttpServer
 from log_format import setup_logging
-from malloc_tuning import tune_malloc
-from model_device import DeviceError, plan_device
 from settings import Settings, SettingsError
 
 log = logging.getLogger("blip2")

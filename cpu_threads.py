@@ -11,12 +11,12 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from blip2_model import Captioner
+    from captioner.base import CaptionModel
 
 log = logging.getLogger(__name__)
 
 
-def choose_threads(captioner: Captioner, batch: int = 1) -> int:
+def choose_threads(captioner: CaptionModel, batch: int = 1) -> int:
     """With TORCH_THREADS unset on a CPU: time a warm caption with every core and with one
     (interleaved, best of each), keep one unless every core is clearly (5 %) faster, and
     return it. A fast model is timed on a full `batch` (what it runs under load; at one image

@@ -10,7 +10,7 @@ if TYPE_CHECKING:  # heavy imports stay out of import time
     import torch
     from PIL import Image
 
-    from model_spec import ModelSpec
+    from captioner.spec import ModelSpec
 
 
 def image_transform(spec: ModelSpec) -> Callable[[Image.Image], torch.Tensor]:

@@ -24,6 +24,10 @@ DEFAULT_CHECKPOINT_URL = (
     "model_large_caption.pth"
 )
 DEFAULT_TOKENIZER_URL = "https://huggingface.co/bert-base-uncased/resolve/main/"
+DEFAULT_HUB_URL = "https://huggingface.co"
+DEFAULT_BLIP2_CHECKPOINT_BASE_URL = (
+    "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2"
+)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -110,6 +114,10 @@ class Settings:
     omp_wait_policy: str = "passive"
     checkpoint_url: str = DEFAULT_CHECKPOINT_URL
     tokenizer_url: str = DEFAULT_TOKENIZER_URL
+    # BLIP-2: the language model's files (HF_ENDPOINT/<hub id>/resolve/main/...) and the caption
+    # checkpoint (BLIP2_CHECKPOINT_BASE_URL/blip2_caption_opt2.7b.pth ...)
+    hub_url: str = DEFAULT_HUB_URL
+    blip2_checkpoint_base_url: str = DEFAULT_BLIP2_CHECKPOINT_BASE_URL
     model_download: bool = True
     # Inference worker
     max_batch_size: int = 8
@@ -240,6 +248,8 @@ class Settings:
         put("OMP_WAIT_POLICY", "omp_wait_policy", _parse_wait_policy)
         put("CHECKPOINT_URL", "checkpoint_url", lambda n, r: r.strip())
         put("TOKENIZER_URL", "tokenizer_url", lambda n, r: r.strip())
+        put("HF_ENDPOINT", "hub_url", lambda n, r: r.strip().rstrip("/"))
+        put("BLIP2_CHECKPOINT_BASE_URL", "blip2_checkpoint_base_url", lambda n, r: r.strip())
         put("MODEL_DOWNLOAD", "model_download", _parse_bool)
         put("MAX_BATCH_SIZE", "max_batch_size", lambda n, r: _parse_int(n, r, 1, 256))
         put("BATCH_WAIT_MS", "batch_wait_ms", lambda n, r: _parse_int(n, r, 0, 10_000))

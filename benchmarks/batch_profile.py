@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-malloc-tuning", action="store_true", help="glibc's malloc defaults")
     args = parser.parse_args(argv)
 
-    from malloc_tuning import tune_malloc
+    from captioner.malloc_tuning import tune_malloc
     from openmp_policy import apply_openmp_policy
     from settings import Settings
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from model_speed import build, make_images
 
     import blip2_model
-    import fast_decode
+    from captioner import fast_decode
 
     print(describe(machine()) + f", torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory(prefix="batch_profile-") as tmp:

@@ -214,7 +214,7 @@ def run_profile(runner: Runner, pixels: Any, bf16_ok: bool) -> None:
     import torch
 
     import blip2_model
-    import fast_decode
+    from captioner import fast_decode
 
     model, tok = runner.model, runner.model.tokenizer
     tokens = runner.length
@@ -303,7 +303,7 @@ def precision_problem(precision: str, device: str) -> str | None:
     """Why `precision` cannot run on `device` (the sweep skips it), or None."""
     import torch
 
-    import model_device
+    from captioner import device as model_device
 
     if precision != "bf16":
         return None
@@ -414,8 +414,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     """Batch sizes x precisions on one device, stock LAVIS measured in the same run."""
     import torch
 
-    import fast_decode
-    import model_device
+    from captioner import device as model_device
+    from captioner import fast_decode
 
     try:
         plan = model_device.plan_device(args.device, "fp32", report=False)
@@ -494,8 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import blip2_model
-    import fast_decode
-    import model_device
+    from captioner import device as model_device
+    from captioner import fast_decode
 
     if args.threads:
         torch.set_num_threads(args.threads)

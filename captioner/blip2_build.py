@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from captioner.blip2_spec import Blip2Spec
-from model_spec import ModelError
+from captioner.spec import ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +32,7 @@ IGNORED_SUFFIXES = ("position_ids",)  # buffers rebuilt by the model, never lear
 
 
 def _lavis_base(arch: str) -> type:
-    from blip2_model import import_lavis
+    from captioner.blip_build import import_lavis
 
     import_lavis()
     if arch == "blip2_opt":

@@ -17,25 +17,22 @@ and that is decided here, once:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from captioner.base import CaptionerBase
 from captioner.blip2_spec import Blip2Spec
+from captioner.spec import ModelError
 from captioning.errors import InvalidOption
 from captioning.options import GenerationOptions
-from model_spec import ModelError
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
 
 log = logging.getLogger(__name__)
-
-DECODERS = ("fast", "stock")
 
 
 def load_blip2(spec: Blip2Spec, *, device: str = "cpu", precision: str = "fp32") -> Any:
@@ -64,7 +61,7 @@ def load_blip2(spec: Blip2Spec, *, device: str = "cpu", precision: str = "fp32")
     return model
 
 
-class Blip2Captioner:
+class Blip2Captioner(CaptionerBase):
     """A loaded BLIP-2 model that captions a list of images in one batch (one thread owns it)."""
 
     def __init__(
@@ -78,12 +75,10 @@ class Blip2Captioner:
     ) -> None:
         import torch
 
-        if decode not in DECODERS:
-            raise ModelError(f"DECODE must be one of {', '.join(DECODERS)}, got {decode!r}")
         if spec.arch != "blip2_opt" and decode == "fast":
             decode = "stock"  # Blip2T5's stock generate already encodes each image once
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        self.model = model.to(device=device, dtype=self.dtype).eval()
+        super().__init__(model, spec, device=device, precision=precision, decode=decode)
+        self.arch = spec.arch
         # LAVIS's fp16-safe LayerNorm computes in fp32 and needs fp32 weights (as on GPU).
         self.model.ln_vision.float()
         if spec.arch == "blip2_t5" and self.dtype != torch.float32:
@@ -91,11 +86,6 @@ class Blip2Captioner:
             # fp32 and autocasts on GPU); so does this, under autocast (see `_autocast`).
             self.model.Qformer.float()
             self.model.query_tokens.data = self.model.query_tokens.data.float()
-        self.spec = spec
-        self.device = device
-        self.precision = precision
-        self.decode = decode
-        self._torch = torch
 
     @classmethod
     def load(
@@ -105,10 +95,6 @@ class Blip2Captioner:
         return cls(model, spec, device=device, precision=precision, decode=decode)
 
     # -- identity ----------------------------------------------------------------------------
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
 
     @property
     def identity(self) -> str:
@@ -160,21 +146,6 @@ class Blip2Captioner:
         return self.model.language_model
 
     # -- inference ---------------------------------------------------------------------------
-
-    def prepare(self, image: Image.Image) -> torch.Tensor:
-        """BLIP-2's eval preprocessing (blip_image_eval: bicubic square resize, CLIP normalise),
-        in Pillow and NumPy like BLIP v1's, so request threads run no torch."""
-        from blip2_model import prepare_pixels
-
-        return prepare_pixels(image, self.spec)  # type: ignore[arg-type]
-
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return self._torch.stack([self.prepare(img) for img in images])
-
-    def caption(
-        self, images: Sequence[Image.Image], options: GenerationOptions | None = None
-    ) -> list[list[str]]:
-        return self.caption_prepared([self.prepare(img) for img in images], options)
 
     def caption_prepared(
         self, prepared: Sequence[torch.Tensor], options: GenerationOptions | None = None
@@ -228,14 +199,3 @@ class Blip2Captioner:
         ids = opt_generate(self.model, inputs_opt, prompt, **kw)
         prompt_len = self.model.opt_tokenizer(prompt, return_tensors="pt").input_ids.shape[1]
         return decode_texts(self.model, ids, prompt_len)
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return self._torch.autocast(self.device.split(":")[0], dtype=self.dtype)
-
-    def warmup(self) -> None:
-        """One caption on a blank image so the first request does not pay for lazy init."""
-        from PIL import Image
-
-        self.caption([Image.new("RGB", (self.spec.image_size,) * 2, (127, 127, 127))])

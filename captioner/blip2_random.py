@@ -82,7 +82,7 @@ BERT_BASE_CONFIG: dict[str, Any] = {
 def random_model_dir(model_name: str, model_type: str, directory: Path) -> Blip2Spec:
     """A MODEL_DIR for `model_name`/`model_type` holding configs and stand-in tokenizers only:
     the spec it returns builds the full-size architecture, with no weights to load."""
-    from blip2_model import write_placeholder_tokenizer
+    from captioner.blip_build import write_placeholder_tokenizer
     from captioner.opt_bpe import write_opt_tokenizer
 
     spec = lavis_blip2_spec(model_name, model_type, directory)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model_spec import CLIP_MEAN, CLIP_STD, ModelError
+from captioner.spec import CLIP_MEAN, CLIP_STD, ModelError
 
 ARCHS = ("blip2_opt", "blip2_t5")
 BERT_DIRNAME = "bert-base-uncased"
@@ -143,18 +143,26 @@ def lavis_blip2_spec(model_name: str, model_type: str, model_dir: Path) -> Blip2
     )
 
 
-def zoo_files(spec: Blip2Spec, model_dir: Path) -> list[tuple[str, Path, int]]:
-    """(URL, destination, approximate bytes) of every file a zoo model needs; 0 = size unknown."""
-    files = [
-        (f"{HF}/bert-base-uncased/resolve/main/{name}", spec.bert_dir / name, 0)
-        for name in BERT_FILES
-    ]
+def zoo_files(
+    spec: Blip2Spec,
+    model_dir: Path,
+    *,
+    bert_url: str = f"{HF}/bert-base-uncased/resolve/main/",
+    hub_url: str = HF,
+    bucket_url: str = LAVIS_BUCKET,
+) -> list[tuple[str, Path, int]]:
+    """(URL, destination, approximate bytes) of every file a zoo model needs; 0 = size unknown.
+    The URLs' bases are settings (TOKENIZER_URL, HF_ENDPOINT, BLIP2_CHECKPOINT_BASE_URL), so a
+    mirror or a local copy serves them as well."""
+    bert = bert_url.rstrip("/")
+    hub = hub_url.rstrip("/")
+    files = [(f"{bert}/{name}", spec.bert_dir / name, 0) for name in BERT_FILES]
     files += [
-        (f"{HF}/{spec.lm_hub_id}/resolve/main/{name}", spec.lm_dir / name, size)
+        (f"{hub}/{spec.lm_hub_id}/resolve/main/{name}", spec.lm_dir / name, size)
         for name, size in LM_FILES.get(spec.lm_hub_id, ())
     ]
     if spec.checkpoint is not None:
-        files.append((f"{LAVIS_BUCKET}/{spec.checkpoint.name}", spec.checkpoint, 0))
+        files.append((f"{bucket_url.rstrip('/')}/{spec.checkpoint.name}", spec.checkpoint, 0))
     return files
 
 

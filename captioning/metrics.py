@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from captioning.batcher import PRIORITIES
@@ -167,6 +167,25 @@ class RuntimeCollector(Collector):
         for name in MODEL_STATES:
             state.add_metric([name], 1 if model.state == name else 0)
         yield state
+        captioner = model.captioner
+        if captioner is not None:
+            about = captioner.describe()
+            yield InfoMetricFamily(
+                f"{PREFIX}_model",
+                "The loaded model: name, family (arch), device, precision and decoder.",
+                value={
+                    "name": str(about["name"]),
+                    "arch": str(about["arch"]),
+                    "device": str(captioner.device),
+                    "precision": str(about["precision"]),
+                    "decode": str(about["decode"]),
+                },
+            )
+            yield GaugeMetricFamily(
+                f"{PREFIX}_model_parameters",
+                "Parameters of the loaded model.",
+                value=about["parameters"],
+            )
         if model.load_seconds is not None:
             yield GaugeMetricFamily(
                 f"{PREFIX}_model_load_seconds",

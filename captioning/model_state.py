@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from captioning.errors import NotReady
 
 if TYPE_CHECKING:
-    from blip2_model import Captioner
+    from captioner.base import CaptionModel
     from captioning.batcher import Batcher
 
 log = logging.getLogger(__name__)
@@ -29,13 +29,13 @@ class ModelState:
     def __init__(self) -> None:
         self.state = LOADING
         self.reason = "model is loading"
-        self.captioner: Captioner | None = None
+        self.captioner: CaptionModel | None = None
         self.batcher: Batcher[Any, list[str]] | None = None
         self.load_seconds: float | None = None
         self._lock = threading.Lock()
 
     def set_ready(
-        self, captioner: Captioner, batcher: Batcher[Any, list[str]], load_seconds: float = 0.0
+        self, captioner: CaptionModel, batcher: Batcher[Any, list[str]], load_seconds: float = 0.0
     ) -> None:
         with self._lock:
             self.captioner, self.batcher = captioner, batcher
@@ -48,7 +48,7 @@ class ModelState:
             self.state, self.reason = FAILED, reason
         log.error("model failed to load: %s", reason)
 
-    def ready(self) -> tuple[Captioner, Batcher[Any, list[str]]]:
+    def ready(self) -> tuple[CaptionModel, Batcher[Any, list[str]]]:
         """The captioner and its batcher, or NotReady (503) while loading or after a failure."""
         with self._lock:
             captioner, batcher, state = self.captioner, self.batcher, self.state
@@ -59,11 +59,7 @@ class ModelState:
     def health(self) -> dict[str, Any]:
         info: dict[str, Any] = {"status": self.state}
         if self.captioner is not None:
-            info.update(
-                name=self.captioner.name,
-                device=self.captioner.device,
-                precision=self.captioner.precision,
-            )
+            info.update(self.captioner.describe(), device=self.captioner.device)
         if self.batcher is not None:
             info.update(
                 queue_depth=self.batcher.depth,

@@ -38,7 +38,7 @@ from captioning.result_cache import ResultCache, cache_key, cacheable
 from image_input.decode import decode_image
 
 if TYPE_CHECKING:
-    from blip2_model import Captioner
+    from captioner.base import CaptionModel
     from captioning.model_state import ModelState
     from emoji_config import EmojiConfigStore
     from image_input.sources import ImageSource
@@ -174,7 +174,7 @@ class Pipeline:
     def _stage(
         self,
         source: ImageSource,
-        captioner: Captioner,
+        captioner: CaptionModel,
         options: GenerationOptions,
         deadline: float,
         reservation: Reservation | None = None,

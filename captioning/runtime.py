@@ -35,8 +35,8 @@ from image_input.sources import ImageReader
 from openmp_policy import apply_openmp_policy
 
 if TYPE_CHECKING:
-    from blip2_model import Captioner
-    from model_device import DevicePlan
+    from captioner.base import CaptionModel
+    from captioner.device import DevicePlan
     from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class Runtime:
         self,
         settings: Settings,
         *,
-        captioner: Captioner | None = None,
+        captioner: CaptionModel | None = None,
         emoji_store: EmojiConfigStore | None = None,
         cache: ResultCache | None = None,
     ) -> None:
@@ -93,7 +93,7 @@ class Runtime:
         self.emoji.start_refresh()
         self.bulk.open()
         started = time.monotonic()
-        loaded: list[Captioner] = []
+        loaded: list[CaptionModel] = []
 
         def load_on_worker() -> Any:  # runs on the batcher's own thread
             captioner = self._given_captioner or self._load_captioner()
@@ -122,9 +122,9 @@ class Runtime:
         if not self._stopped:
             self.bulk.start()
 
-    def _load_captioner(self) -> Captioner:
+    def _load_captioner(self) -> CaptionModel:
         from blip2_model import Captioner
-        from model_device import plan_device
+        from captioner.device import plan_device
 
         # The plan logs one clear error when a visible GPU cannot be used (see /health too).
         self.device_plan = plan_device(self.settings.device, self.settings.precision)

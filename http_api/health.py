@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING
 
 from flask import Blueprint, Response, jsonify
 
+from captioner.device import expected_device
 from captioning.model_state import LOADED
 from http_api.context import current_runtime
 from http_api.envelope import SERVICE
 from http_api.openapi import HEALTH_EXAMPLE, ApiPart, json_response
-from model_device import expected_device
 
 if TYPE_CHECKING:
     from settings import Settings

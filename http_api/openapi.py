@@ -256,7 +256,8 @@ def build(factories: Iterable[PartFactory], settings: Settings) -> dict[str, Any
         "info": {
             "title": "BLIP2 caption service",
             "version": API_VERSION,
-            "description": _INFO,
+            "description": f"{_INFO} Model: `{model_label(settings)}`.",
+            "x-model": model_label(settings),
         },
         "tags": tags,
         "paths": dict(sorted(paths.items())),
@@ -264,8 +265,16 @@ def build(factories: Iterable[PartFactory], settings: Settings) -> dict[str, Any
     }
 
 
+def model_label(settings: Settings) -> str:
+    """The configured model's name (`blip2_opt/caption_coco_opt2.7b`, `tiny-blip2`), read from
+    the settings and the model's YAML only: nothing is loaded or downloaded."""
+    from captioner.files import configured_name
+
+    return configured_name(settings)
+
+
 _INFO = (
-    "Image captioning (Salesforce LAVIS BLIP, COCO) with emoji mappings, answered in the "
+    "Image captioning (Salesforce LAVIS BLIP or BLIP-2, COCO) with emoji mappings, answered in the "
     "animal-farm v3 JSON envelope (see CONTRACT.md). Every error is the JSON error envelope: "
     "unknown routes get 404 and wrong methods 405 (with `Allow`). Every route also answers "
     "`OPTIONS` (CORS preflight), and `HEAD` where it answers `GET`."

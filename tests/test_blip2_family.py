@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 import tiny_shapes
+from captioner.spec import ModelError
 from captioning.errors import InvalidOption
 from captioning.options import GenerationOptions
-from model_spec import ModelError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_BLIP2 = ROOT / "models" / "tiny-blip2" / "model.yaml"

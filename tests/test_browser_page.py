@@ -198,7 +198,7 @@ def test_page_captions_in_chromium(browser, page_server, http_server, tmp_path: 
     page.wait_for_function(
         "() => document.getElementById('model-status').dataset.state === 'ready'", timeout=WAIT_MS
     )
-    assert page.inner_text("#model-status") == "Model loaded"
+    assert page.inner_text("#model-status") == "Model loaded · tiny-shapes (blip_caption, fp32)"
     assert page.evaluate(UNLABELLED_CONTROLS_JS) == []
 
     # Two images picked at once: each gets its own card, captioned one after the other.

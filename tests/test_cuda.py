@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-import model_device
+from captioner import device as model_device
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_YAML = ROOT / "models" / "tiny-shapes" / "model.yaml"
@@ -143,7 +143,7 @@ def test_doctor_reports_the_gpu_and_runs_kernels(
 ) -> None:
     import json
 
-    import model_doctor
+    from captioner import doctor as model_doctor
     from settings import Settings
 
     if precision == "bf16":

@@ -1,4 +1,5 @@
-"""fast_decode.py: decoding with per-image cross-attention K/V gives stock LAVIS's exact tokens.
+"""captioner/fast_decode.py: decoding with per-image cross-attention K/V gives stock LAVIS's
+exact tokens.
 
 Real LAVIS models throughout (no mocks): a small randomly initialised BLIP for the option matrix,
 the full-size large_coco architecture with random weights, and the project's tiny-shapes model.
@@ -140,7 +141,7 @@ def both(model: Any, prompt: Any, embeds: Any, seed: int | None = None, **kw: An
     import torch
 
     import blip2_model
-    import fast_decode
+    from captioner import fast_decode
 
     outs = []
     for fn in (blip2_model.stock_generate, fast_decode.generate):
@@ -204,7 +205,7 @@ def test_matches_lavis_own_generate(small: dict) -> None:
     """Against LAVIS's `BlipCaption.generate` itself, the reference service's call."""
     import torch
 
-    import fast_decode
+    from captioner import fast_decode
 
     model, spec, pixels = small["model"], small["spec"], small["pixels"]
     with torch.no_grad():
@@ -250,7 +251,7 @@ def test_sampling_several_per_image_without_repeating_embeddings(small: dict) ->
     import torch
 
     import blip2_model
-    import fast_decode
+    from captioner import fast_decode
 
     model, embeds, n = small["model"], small["embeds"][:3], 3
     kw = gen_kwargs(model, do_sample=True, top_p=0.9, repetition_penalty=1.2)
@@ -278,7 +279,7 @@ def test_step_logits_and_cache_bit_identical(small: dict) -> None:
     """One decoder step through both paths, compared bit for bit (not just argmax)."""
     import torch
 
-    import fast_decode
+    from captioner import fast_decode
 
     model, embeds = small["model"], small["embeds"][:2]
     dec = model.text_decoder
@@ -318,7 +319,7 @@ def test_image_keys_values_projected_once_per_image(small: dict) -> None:
     import torch
 
     import blip2_model
-    import fast_decode
+    from captioner import fast_decode
 
     model, embeds = small["model"], small["embeds"][:2]
     calls: list[int] = []
@@ -377,7 +378,7 @@ def test_bf16_autocast_runs(small: dict, mode: str) -> None:
     """Under bf16 autocast the fast path works (ids are not required to equal fp32's)."""
     import torch
 
-    import fast_decode
+    from captioner import fast_decode
 
     model = small["model"]
     kw = gen_kwargs(model, num_beams=3, num_return_sequences=2)
@@ -394,7 +395,7 @@ def test_bf16_step_close_to_stock_bf16(small: dict) -> None:
     """The fused low-precision path computes the same function as stock under bf16 autocast."""
     import torch
 
-    import fast_decode
+    from captioner import fast_decode
 
     model, embeds = small["model"], small["embeds"][:2]
     dec = model.text_decoder
@@ -423,7 +424,7 @@ def test_bf16_weights_without_autocast(small: dict) -> None:
 
     import torch
 
-    import fast_decode
+    from captioner import fast_decode
 
     model = copy.deepcopy(small["model"]).to(torch.bfloat16)
     kw = gen_kwargs(model, num_beams=3, num_return_sequences=2, max_length=14)
@@ -437,7 +438,7 @@ def test_bf16_weights_without_autocast(small: dict) -> None:
 def test_rejects_repeated_embeddings(small: dict) -> None:
     import torch
 
-    import fast_decode
+    from captioner import fast_decode
 
     model = small["model"]
     with pytest.raises(ValueError, match="rows"), torch.inference_mode():
@@ -455,7 +456,7 @@ def test_rejects_repeated_embeddings(small: dict) -> None:
 def test_optimize_model_keeps_fp32_and_is_reversible(small: dict) -> None:
     import torch
 
-    import fast_decode
+    from captioner import fast_decode
 
     model, pixels = small["model"], small["pixels"]
     with torch.inference_mode():
@@ -486,7 +487,9 @@ def test_import_is_light() -> None:
     """No torch/LAVIS import at module import time (the service imports it lazily anyway)."""
     import subprocess
 
-    code = "import sys, fast_decode; print('torch' in sys.modules, 'lavis' in sys.modules)"
+    code = (
+        "import sys, captioner.fast_decode; print('torch' in sys.modules, 'lavis' in sys.modules)"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
@@ -514,7 +517,7 @@ def test_large_coco_optimize_model_round_trip(large_coco: dict) -> None:
     output unchanged while optimized, and restore_model puts LAVIS's own forwards back."""
     import torch
 
-    import fast_decode
+    from captioner import fast_decode
 
     model = large_coco["model"]
     blocks = model.visual_encoder.blocks

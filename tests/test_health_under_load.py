@@ -135,8 +135,8 @@ def _rss_mb(pid: int) -> float:
 
 def test_concurrent_big_decodes_stay_bounded() -> None:
     """24 uploads of a 36-megapixel image at once: decoded one per DECODE_CONCURRENCY slot (and
-    glibc told to give large buffers back, see malloc_tuning.py), so the peak stays near a few
-    decoded images, not 24 (about 2.6 GB of RGB at once; 4 GB measured before both fixes)."""
+    glibc told to give large buffers back, see captioner/malloc_tuning.py), so the peak stays near
+    a few decoded images, not 24 (about 2.6 GB of RGB at once; 4 GB measured before both fixes)."""
     service = ServiceProcess({"CACHE_SIZE": "0", "DECODE_CONCURRENCY": "2"}).start()
     try:
         assert service.proc is not None

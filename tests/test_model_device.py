@@ -1,4 +1,4 @@
-"""model_device.py and model_doctor.py: the GPU diagnosis, the device plan and the doctor.
+"""captioner/device.py and captioner/doctor.py: the GPU diagnosis, the device plan and the doctor.
 
 No GPU is needed: the diagnosis reads a filesystem root and an environment, so each host is a
 temporary directory holding what the NVIDIA driver leaves behind (/proc/driver/nvidia/version,
@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-import model_device
-import model_doctor
-from model_device import DeviceError, arch_supported, diagnose_gpu, plan_device
+from captioner import device as model_device
+from captioner import doctor as model_doctor
+from captioner.device import DeviceError, arch_supported, diagnose_gpu, plan_device
 from settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,7 +297,7 @@ def test_auto_falls_back_loudly_with_one_error(
     tmp_path: Path, cpu_only_torch: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     root = healthy(tmp_path, "535.154.05")
-    with caplog.at_level(logging.WARNING, logger="model_device"):
+    with caplog.at_level(logging.WARNING, logger="captioner.device"):
         plan = plan_device("auto", "fp32", root=root, environ=GPU_ENV)
     assert (plan.device, plan.precision) == ("cpu", "fp32")
     assert plan.degraded and len(plan.warnings) == 1
@@ -323,7 +323,7 @@ def test_device_cuda_fails_at_start_with_the_same_cause(
 def test_no_gpu_at_all_is_a_quiet_cpu_choice(
     tmp_path: Path, cpu_only_torch: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="model_device"):
+    with caplog.at_level(logging.INFO, logger="captioner.device"):
         plan = plan_device(None, "auto", root=make_host(tmp_path), environ={})
     assert (plan.device, plan.precision, plan.warnings) == ("cpu", "fp32", ())
     assert "no NVIDIA GPU is visible" in plan.reason
@@ -333,7 +333,7 @@ def test_no_gpu_at_all_is_a_quiet_cpu_choice(
 
 
 def test_explicit_cpu_is_not_a_fallback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="model_device"):
+    with caplog.at_level(logging.INFO, logger="captioner.device"):
         plan = plan_device("cpu", "fp32", root=healthy(tmp_path, "535.154.05"), environ=GPU_ENV)
     assert (plan.device, plan.warnings, plan.reason) == (
         "cpu",
@@ -346,7 +346,7 @@ def test_explicit_cpu_is_not_a_fallback(tmp_path: Path, caplog: pytest.LogCaptur
 def test_report_false_logs_nothing(
     tmp_path: Path, cpu_only_torch: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="model_device"):
+    with caplog.at_level(logging.INFO, logger="captioner.device"):
         plan = plan_device(
             "auto", "fp32", root=healthy(tmp_path, "535.154.05"), environ=GPU_ENV, report=False
         )

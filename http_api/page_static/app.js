@@ -245,7 +245,12 @@
       const body = await resp.json();
       const state = resp.ok ? "ready" : String(body.status || resp.status);
       status.dataset.state = resp.ok ? "ready" : "busy";
-      status.textContent = resp.ok ? "Model " + (body.model_status || "ready") : "Model " + state;
+      const model = body.model || {};
+      const about = [model.arch, model.precision].filter(Boolean).join(", ");
+      const named = model.name ? " · " + model.name + (about ? " (" + about + ")" : "") : "";
+      status.textContent = resp.ok
+        ? "Model " + (body.model_status || "ready") + named
+        : "Model " + state;
       if (!resp.ok) setTimeout(checkHealth, 2000);
     } catch (_) {
       status.dataset.state = "down";

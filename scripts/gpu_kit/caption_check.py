@@ -89,7 +89,7 @@ def generated_ids(captioner: Any, pictures: list[Any]) -> dict[str, list[list[in
     import torch
 
     import blip2_model
-    import fast_decode
+    from captioner import fast_decode
 
     opts = captioner.check_options(blip2_model.GenerationOptions())
     tok = captioner.tokenizer

@@ -5,7 +5,7 @@ leaves behind — `/proc/driver/nvidia/version`, `/sys/module/nvidia/version`, t
 nodes, the mounted `libcuda.so.*`, the NVIDIA container variables — and names the first cause
 that stops CUDA (driver too old for the torch build, no device nodes, module not loaded, ...).
 Root and environment are parameters, so tests give it a temporary directory with simulated
-driver files. model_device.py turns the diagnosis into a device plan.
+driver files. captioner/device.py turns the diagnosis into a device plan.
 """
 
 from __future__ import annotations

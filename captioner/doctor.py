@@ -23,8 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import model_device
-from nvml import NVML_LIBRARY, NvmlReport, nvml_query
+from captioner import device as model_device
+from captioner.memory import model_table
+from captioner.nvml import NVML_LIBRARY, NvmlReport, nvml_query
 
 if TYPE_CHECKING:
     from settings import Settings
@@ -190,6 +191,7 @@ class DoctorReport:
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     check: str | None = None
+    models: list[dict[str, Any]] = field(default_factory=list)  # memory each model needs
     exit_status: int = EXIT_OK
 
 
@@ -239,6 +241,15 @@ def collect(
     report.device, report.precision, report.reason = plan.device, plan.precision, plan.reason
     report.warnings = list(plan.warnings)
     ok, report.check = compute_check(torch, plan.device, plan.precision)
+    report.models = model_table(settings, plan.device, plan.precision, root)
+    configured = report.models[0]
+    if configured.get("fits") is False:
+        report.warnings.append(
+            f"the configured model {configured['model']} does not fit: it needs about "
+            f"{configured['needed_gib']} GiB, {configured['available_gib']} GiB is available; "
+            "the service would refuse to start"
+        )
+        ok = False
     if not ok:
         report.exit_status = EXIT_UNUSABLE
     elif plan.degraded:
@@ -345,8 +356,25 @@ def render(report: DoctorReport) -> str:
     lines += _section(
         "settings", [f"DEVICE={report.settings['DEVICE']} PRECISION={report.settings['PRECISION']}"]
     )
+    lines += _section("model memory", _memory_lines(report))
     lines += _section("decision", _decision_lines(report))
     return "\n".join(lines)
+
+
+def _memory_lines(report: DoctorReport) -> list[str]:
+    lines = []
+    for row in report.models:
+        mark = " (configured)" if row["configured"] else ""
+        if "error" in row:
+            lines.append(f"{row['model']}{mark}: cannot tell: {row['error']}")
+            continue
+        have = "unknown" if row["available_gib"] is None else f"{row['available_gib']} GiB"
+        verdict = "fits" if row["fits"] else "DOES NOT FIT"
+        lines.append(
+            f"{row['model']}{mark}: {row['parameters'] / 1e9:.3g} B parameters, needs "
+            f"{row['needed_gib']} GiB in {row['precision']}, {have} {row['where']}: {verdict}"
+        )
+    return lines or ["not checked: no usable device"]
 
 
 def _decision_lines(report: DoctorReport) -> list[str]:

@@ -1,6 +1,10 @@
-"""Fetching the real model's files into MODEL_DIR, for first runs and air-gapped deploys.
+"""Which model the settings name, and fetching its files into MODEL_DIR (first runs, air gaps).
 
     python blip2_model.py download [--model-dir D] [--checkpoint-url U] [--tokenizer-url U]
+
+`MODEL_CONFIG` names a local model folder (its `arch` says the family); otherwise MODEL_NAME /
+MODEL_TYPE name a LAVIS zoo model: `blip_caption` (BLIP v1) or `blip2_opt` / `blip2_t5` (BLIP-2),
+whose files live under MODEL_DIR as captioner/blip2_spec.py lays them out.
 
 Each file is streamed to a temporary file beside its destination and renamed into place only when
 complete (and, when a SHA-256 is expected, only when it matches); `SHA256SUMS` in MODEL_DIR
@@ -17,9 +21,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bounded_io import atomic_file
-from model_spec import (
-    LARGE_COCO_CHECKPOINT,
-    TOKENIZER_DIRNAME,
+from captioner.blip2_spec import (
+    ARCHS,
+    Blip2Spec,
+    lavis_blip2_spec,
+    read_model_yaml,
+    yaml_blip2_spec,
+    zoo_files,
+)
+from captioner.spec import (
     TOKENIZER_FILES,
     ModelError,
     ModelFilesMissing,
@@ -37,8 +47,23 @@ DOWNLOAD_CONNECT_TIMEOUT = 10.0
 DOWNLOAD_READ_TIMEOUT = 60.0
 
 
-def model_files(spec: ModelSpec, settings: Settings) -> list[tuple[str, Path]]:
+AnySpec = ModelSpec | Blip2Spec
+
+
+def _zoo_files(spec: Blip2Spec, settings: Settings) -> list[tuple[str, Path, int]]:
+    return zoo_files(
+        spec,
+        settings.model_dir,
+        bert_url=settings.tokenizer_url,
+        hub_url=settings.hub_url,
+        bucket_url=settings.blip2_checkpoint_base_url,
+    )
+
+
+def model_files(spec: AnySpec, settings: Settings) -> list[tuple[str, Path]]:
     """(source URL, destination) for every file of a LAVIS zoo model."""
+    if isinstance(spec, Blip2Spec):
+        return [(url, dest) for url, dest, _size in _zoo_files(spec, settings)]
     base = settings.tokenizer_url.rstrip("/") + "/"
     files = [(base + name, spec.tokenizer_dir / name) for name in TOKENIZER_FILES]
     if spec.checkpoint is not None:
@@ -81,7 +106,7 @@ def download_file(
 
 
 def download_model(
-    spec: ModelSpec,
+    spec: AnySpec,
     settings: Settings,
     *,
     progress: bool = True,
@@ -106,16 +131,30 @@ def download_model(
     return sums
 
 
-def missing_files_message(spec: ModelSpec, settings: Settings, cause: str | None) -> str:
-    missing = spec.missing_files()
+def _expected_files(spec: AnySpec, settings: Settings) -> str:
+    if isinstance(spec, Blip2Spec):
+        sized = [
+            f"{dest.relative_to(settings.model_dir)}"
+            + (f" (~{size / 1e9:.1f} GB)" if size > 1e8 else "")
+            for _url, dest, size in _zoo_files(spec, settings)
+        ]
+        return "Expected under MODEL_DIR: " + ", ".join(sized) + "."
+    assert spec.checkpoint is not None
+    return (
+        f"Expected: the LAVIS checkpoint ({spec.checkpoint.name}, ~1.8 GB) and the "
+        f"bert-base-uncased tokenizer ({', '.join(TOKENIZER_FILES)}) in {spec.tokenizer_dir}."
+    )
+
+
+def missing_files_message(spec: AnySpec, settings: Settings, cause: str | None) -> str:
+    missing = missing_zoo_files(spec, settings)
     lines = [
         f"Model files for {spec.name} are missing from MODEL_DIR={settings.model_dir}:",
         *[f"  - {p}" for p in missing],
-        "Expected: the LAVIS checkpoint "
-        f"({LARGE_COCO_CHECKPOINT}, ~1.8 GB) and the bert-base-uncased tokenizer "
-        f"({', '.join(TOKENIZER_FILES)}) in {settings.model_dir / TOKENIZER_DIRNAME}.",
+        _expected_files(spec, settings),
         "Fetch them on a machine with internet and copy the folder here:",
-        f"  MODEL_DIR={settings.model_dir} python blip2_model.py download",
+        f"  MODEL_DIR={settings.model_dir} MODEL_NAME={settings.model_name} "
+        f"MODEL_TYPE={settings.model_type} python blip2_model.py download",
         "or set MODEL_CONFIG to a local model.yaml (e.g. models/tiny-shapes/model.yaml).",
     ]
     if cause:
@@ -123,27 +162,60 @@ def missing_files_message(spec: ModelSpec, settings: Settings, cause: str | None
     return "\n".join(lines)
 
 
-def configured_spec(settings: Settings) -> ModelSpec:
+def missing_zoo_files(spec: AnySpec, settings: Settings) -> list[Path]:
+    """What must be fetched before a zoo model loads: for BLIP-2 every file of its table (the
+    language model's weights included), for BLIP v1 the checkpoint and the tokenizer's vocab."""
+    if isinstance(spec, Blip2Spec):
+        return [dest for _url, dest in model_files(spec, settings) if not dest.is_file()]
+    return spec.missing_files()
+
+
+def zoo_spec(settings: Settings) -> AnySpec:
+    """The spec of the LAVIS zoo model MODEL_NAME/MODEL_TYPE with files in MODEL_DIR."""
+    if settings.model_name in ARCHS:
+        return lavis_blip2_spec(settings.model_name, settings.model_type, settings.model_dir)
+    return lavis_spec(settings.model_name, settings.model_type, settings.model_dir)
+
+
+def local_spec(path: Path) -> AnySpec:
+    """The spec of a local model folder: its YAML's `arch` says the family (BLIP v1 default)."""
+    raw = read_model_yaml(path)
+    if raw.get("arch") in ARCHS:
+        return yaml_blip2_spec(path, raw)
+    return yaml_spec(path)
+
+
+def configured_name(settings: Settings) -> str:
+    """The configured model's name without loading or fetching anything (OpenAPI, logs)."""
+    if settings.model_config is not None:
+        try:
+            return local_spec(settings.model_config).name
+        except ModelError:
+            return str(settings.model_config)
+    return f"{settings.model_name}/{settings.model_type}"
+
+
+def configured_spec(settings: Settings) -> AnySpec:
     """The spec of the configured model (MODEL_CONFIG, else MODEL_NAME/MODEL_TYPE in MODEL_DIR),
     with its files present: downloaded on first use when MODEL_DOWNLOAD allows, else an error
     that says what to fetch and how."""
     if settings.model_config is not None:
-        spec = yaml_spec(settings.model_config)
+        spec = local_spec(settings.model_config)
         if spec.missing_files():
             raise ModelFilesMissing(
                 f"MODEL_CONFIG {settings.model_config} names files that do not exist: "
                 + ", ".join(str(p) for p in spec.missing_files())
             )
         return spec
-    spec = lavis_spec(settings.model_name, settings.model_type, settings.model_dir)
-    if spec.missing_files():
+    spec = zoo_spec(settings)
+    if missing_zoo_files(spec, settings):
         cause = None if settings.model_download else "disabled (MODEL_DOWNLOAD=false)"
         if settings.model_download:
             try:
                 download_model(spec, settings)
             except Exception as exc:  # no network, HTTP error, disk full
                 cause = f"{type(exc).__name__}: {exc}"
-        if spec.missing_files():
+        if missing_zoo_files(spec, settings):
             raise ModelFilesMissing(missing_files_message(spec, settings, cause))
     return spec
 
@@ -151,10 +223,19 @@ def configured_spec(settings: Settings) -> ModelSpec:
 def cli_download(args: argparse.Namespace, settings: Settings) -> int:
     """`python blip2_model.py download`: fetch what is missing, print the SHA-256 of each file."""
     settings = settings.with_flags(
-        args, model_dir="model_dir", checkpoint_url="checkpoint_url", tokenizer_url="tokenizer_url"
+        args,
+        model_dir="model_dir",
+        model_name="model_name",
+        model_type="model_type",
+        checkpoint_url="checkpoint_url",
+        tokenizer_url="tokenizer_url",
     )
     expected = dict(item.split("=", 1) for item in args.sha256)
-    spec = lavis_spec(settings.model_name, settings.model_type, settings.model_dir)
+    try:
+        spec = zoo_spec(settings)
+    except ModelError as exc:
+        print(f"download failed: {exc}", file=sys.stderr)
+        return 2
     try:
         sums = download_model(spec, settings, expected=expected)
     except Exception as exc:
@@ -162,7 +243,7 @@ def cli_download(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     for rel, sha in sums.items():
         print(f"{sha}  {rel}")
-    if spec.missing_files():
+    if missing_zoo_files(spec, settings):
         print(missing_files_message(spec, settings, None), file=sys.stderr)
         return 1
     print(f"model files are complete in {settings.model_dir}")
@@ -170,8 +251,10 @@ def cli_download(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def add_download_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    dl = sub.add_parser("download", help="fetch the checkpoint and tokenizer into MODEL_DIR")
+    dl = sub.add_parser("download", help="fetch every file of MODEL_NAME/MODEL_TYPE into MODEL_DIR")
     dl.add_argument("--model-dir", type=Path, help="overrides MODEL_DIR")
+    dl.add_argument("--model-name", help="overrides MODEL_NAME (blip_caption, blip2_opt, blip2_t5)")
+    dl.add_argument("--model-type", help="overrides MODEL_TYPE (e.g. caption_coco_opt2.7b)")
     dl.add_argument("--checkpoint-url", help="overrides CHECKPOINT_URL")
     dl.add_argument("--tokenizer-url", help="overrides TOKENIZER_URL (a folder URL)")
     dl.add_argument("--sha256", action="append", default=[], metavar="FILE=HEX")

@@ -12,7 +12,7 @@ filesystem root, names the cause when a GPU is visible but CUDA is not usable, a
 - `DEVICE=cuda` refuses to start, with the same cause in the `DeviceError` message.
 
 `plan_device` is the one entry point: `blip2_model.Captioner.load`, `/health` and the doctor
-command (model_doctor.py) all report the same `DevicePlan`, so what the service says it would do
+command (captioner/doctor.py) all report the same `DevicePlan`, so what the service says it would do
 and what it does cannot drift apart. `diagnose_gpu` takes the root and the environment as
 parameters, so tests give it a temporary directory with simulated driver files.
 """
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpu_diagnosis import GpuDiagnosis, diagnose_gpu, required_driver
+from captioner.gpu_diagnosis import GpuDiagnosis, diagnose_gpu, required_driver
 
 # The diagnosis is re-exported: the doctor and the tests read everything about devices here.
 __all__ = [

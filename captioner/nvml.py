@@ -1,6 +1,6 @@
 """NVML through ctypes: the NVIDIA driver's own view of its GPUs, without nvidia-smi.
 
-Used by the doctor (model_doctor.py) to report the driver and each GPU even when CUDA itself
+Used by the doctor (captioner/doctor.py) to report the driver and each GPU even when CUDA itself
 cannot start (for example a driver too old for the torch build). Every call is checked; a
 missing library or a failing call becomes `NvmlReport.error`, never an exception.
 """

@@ -1,0 +1,159 @@
+"""A loaded BLIP v1 model (`blip_caption`: large_coco, or a local one such as tiny-shapes).
+
+Generation options really reach LAVIS's decoder here (stock LAVIS drops some): a conditional
+prompt after the model's own "a picture of ", the caller's repetition penalty when sampling, and
+several distinct beam captions. The fast decoder (captioner/fast_decode.py) computes each
+image's cross-attention keys and values once instead of once per step and beam.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from captioner.base import CaptionerBase
+from captioner.spec import ModelSpec
+from captioning.errors import InvalidOption
+from captioning.options import GenerationOptions
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+class BlipCaptioner(CaptionerBase):
+    """A loaded BLIP v1 model that captions a list of images in one batch.
+
+    Not thread-safe: one inference worker owns it (see batcher.py).
+    """
+
+    arch = "blip_caption"
+
+    def __init__(
+        self,
+        model: Any,
+        spec: ModelSpec,
+        *,
+        device: str = "cpu",
+        precision: str = "fp32",
+        decode: str = "fast",
+    ) -> None:
+        super().__init__(model, spec, device=device, precision=precision, decode=decode)
+        self.tokenizer = model.tokenizer
+        if decode == "fast":
+            from captioner import fast_decode
+
+            fast_decode.optimize_model(self.model)  # fused ViT attention; fp32 untouched
+
+    @classmethod
+    def load(
+        cls, spec: ModelSpec, *, device: str = "cpu", precision: str = "fp32", decode: str = "fast"
+    ) -> BlipCaptioner:
+        """Assemble the model, read its checkpoint strictly, cast it to `precision` on `device`."""
+        from captioner.blip_build import build_model, count_parameters, load_checkpoint
+
+        started = time.monotonic()
+        model = build_model(spec)
+        if spec.checkpoint is not None:
+            load_checkpoint(model, spec.checkpoint)
+        log.info(
+            "loaded %s (%.1fM parameters) on %s in %s in %.1fs",
+            spec.name,
+            count_parameters(model) / 1e6,
+            device,
+            precision,
+            time.monotonic() - started,
+        )
+        return cls(model, spec, device=device, precision=precision, decode=decode)
+
+    # -- identity ----------------------------------------------------------------------------
+
+    @property
+    def identity(self) -> str:
+        """Part of the result-cache key: which weights, precision and decoder made a caption."""
+        ckpt = self.spec.checkpoint
+        stamp = ""
+        if ckpt is not None and ckpt.is_file():
+            st = ckpt.stat()
+            stamp = f"{st.st_size}:{int(st.st_mtime)}"
+        # fp32 captions are identical whichever decoder runs; low precision ones may differ.
+        decoder = "" if self.precision == "fp32" else f"|{self.decode}"
+        return f"{self.spec.name}|{stamp}|{self.precision}{decoder}"
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def check_options(self, options: GenerationOptions) -> GenerationOptions:
+        """Validate options, including what depends on this model's tokenizer: the decoder
+        prompt (the model's own "a picture of " plus `prompt`) must leave room for at least
+        one generated token within max_length (beam search fails otherwise)."""
+        opts = options.validate()
+        used = self._prompt_ids(self._prompt_text(opts), 1).size(1)
+        if used >= opts.max_length:
+            raise InvalidOption(
+                "max_length",
+                f"max_length must be more than the {used} tokens of the decoder prompt "
+                f"(the model's {self.spec.prompt.strip()!r} plus prompt)",
+            )
+        return opts
+
+    def _prompt_text(self, opts: GenerationOptions) -> str:
+        extra = opts.prompt.strip()
+        return self.spec.prompt + extra + (" " if extra else "")
+
+    def _prompt_ids(self, prompt_text: str, batch: int) -> torch.Tensor:
+        """Token ids of the decoder prompt: [DEC] + prompt words (LAVIS drops the final [SEP])."""
+        ids = self.tokenizer([prompt_text] * batch, return_tensors="pt").input_ids
+        ids[:, 0] = self.tokenizer.bos_token_id
+        return ids[:, :-1].to(self.device)
+
+    def caption_prepared(
+        self, prepared: Sequence[torch.Tensor], options: GenerationOptions | None = None
+    ) -> list[list[str]]:
+        """`caption` for images already through :meth:`prepare` (what the batcher queues)."""
+        opts = self.check_options(options or GenerationOptions())
+        if not prepared:
+            return []
+        pixels = self._torch.stack(list(prepared)).to(device=self.device, dtype=self.dtype)
+        with self._torch.inference_mode(), self._autocast():
+            embeds = self.model.forward_encoder({"image": pixels})
+            texts = self._decode(embeds, opts)
+        n = opts.num_captions
+        return [texts[i * n : (i + 1) * n] for i in range(len(prepared))]
+
+    def _decode(self, embeds: torch.Tensor, opts: GenerationOptions) -> list[str]:
+        prompt_text = self._prompt_text(opts)
+        sampling = opts.use_nucleus_sampling
+        if sampling and self.decode != "fast":
+            # Independent samples: one row per caption (LAVIS repeats the image the same way);
+            # the fast decoder gives the same ids from one row with num_return_sequences.
+            embeds = embeds.repeat_interleave(opts.num_captions, 0)
+        prompt_ids = self._prompt_ids(prompt_text, embeds.size(0))
+        kwargs = {
+            "max_length": opts.max_length,
+            "min_length": opts.min_length,
+            "eos_token_id": self.tokenizer.sep_token_id,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "repetition_penalty": opts.repetition_penalty,
+        }
+        if sampling:
+            per_row = opts.num_captions if self.decode == "fast" else 1
+            kwargs.update(do_sample=True, top_p=opts.top_p, num_return_sequences=per_row)
+        else:
+            kwargs.update(num_beams=opts.num_beams, num_return_sequences=opts.num_captions)
+        out = self._generate(prompt_ids, embeds, **kwargs)
+        decoded = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        strip = len(self.spec.prompt)
+        return [text[strip:] for text in decoded]
+
+    def _generate(self, prompt_ids: torch.Tensor, embeds: torch.Tensor, **kw: Any) -> torch.Tensor:
+        """Run the decoder: our cached-cross-attention path, or stock Hugging Face generate."""
+        if self.decode == "fast":
+            from captioner import fast_decode
+
+            return fast_decode.generate(self.model.text_decoder, prompt_ids, embeds, **kw)
+        from captioner.blip_build import stock_generate
+
+        return stock_generate(self.model.text_decoder, prompt_ids, embeds, **kw)
