@@ -124,6 +124,10 @@ class Settings:
     batch_wait_ms: int = 10
     max_queue: int = 64
     request_timeout: float = 60.0
+    # Refuse an analyze request on its headers, before its body is read (http_api/door.py);
+    # a place taken there is lent to a newer request once its body is DOOR_HOLD s late.
+    shed_at_door: bool = True
+    door_hold: float = 10.0
     # Result cache
     cache_size: int = 1024
     cache_ttl: float = 3600.0
@@ -255,6 +259,8 @@ class Settings:
         put("BATCH_WAIT_MS", "batch_wait_ms", lambda n, r: _parse_int(n, r, 0, 10_000))
         put("MAX_QUEUE", "max_queue", lambda n, r: _parse_int(n, r, 1, 100_000))
         put("REQUEST_TIMEOUT", "request_timeout", lambda n, r: _parse_float(n, r, 0.001))
+        put("SHED_AT_DOOR", "shed_at_door", _parse_bool)
+        put("DOOR_HOLD", "door_hold", lambda n, r: _parse_float(n, r, 0.0))
         put("CACHE_SIZE", "cache_size", lambda n, r: _parse_int(n, r, 0, 10_000_000))
         put("CACHE_TTL", "cache_ttl", lambda n, r: _parse_float(n, r, 0.0))
         put("REDIS_URL", "redis_url", lambda n, r: r.strip())

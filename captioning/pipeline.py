@@ -115,14 +115,21 @@ class Pipeline:
                 staged, options, deadline=deadline, tags=tags, reservation=reservation
             )
 
-    def admit(self, options: GenerationOptions) -> Reservation:
+    def admit(self, options: GenerationOptions, held: Reservation | None = None) -> Reservation:
         """A place in the model's queue for an interactive request, or an error now: NotReady
         (loading), QueueFull (503 + Retry-After) or InvalidOption (400). Taken before anything
         is read, so a refused request costs no download, decode slot or decode; the queue is
         checked before the options because a refusal must cost next to nothing (the GIL is
-        shared with the inference thread's Python)."""
+        shared with the inference thread's Python). `held`: a place already taken for this
+        request on its headers (http_api/door.py), used instead of a new one."""
         captioner, batcher = self.model.ready()
-        reservation = batcher.reserve(options.signature())  # the cheap refusal first
+        group = options.signature()
+        if held is not None and held.held and held.group == group:
+            reservation = held
+        else:
+            if held is not None:
+                held.release()
+            reservation = batcher.reserve(group)  # the cheap refusal first
         try:
             captioner.check_options(options)  # tokenizes the prompt: ~1 ms of Python
         except BaseException:

@@ -18,6 +18,7 @@ from captioning.errors import (
     TooLarge,
 )
 from captioning.options import GenerationOptions, tags_requested
+from http_api import door
 from http_api.context import current_runtime
 from http_api.envelope import started_at, success
 from http_api.openapi import (
@@ -41,15 +42,18 @@ bp = Blueprint("analyze", __name__)
 def _admit() -> None:
     """While the model loads (or after it failed) every analyze call is 503 (CONTRACT.md); with
     every captioning slot taken, or no place left in the model's queue, 503 + Retry-After at
-    once: before the body is parsed, the image read, downloaded or decoded."""
+    once: before the body is parsed, the image read, downloaded or decoded. Most such requests
+    were already refused on their headers, before the body was read (http_api/door.py); the
+    queue place the door took for this one is adopted here, not taken twice."""
     runtime = current_runtime()
+    g.reservation = door.adopt(request.environ)  # the place taken on the headers, if any
     runtime.model.ready()
     if not runtime.analyze_slots.acquire(blocking=False):
         raise Overloaded("Server busy: too many requests in progress, retry shortly")
     g.analyze_slot = runtime.analyze_slots
     options = GenerationOptions.from_public(request.args)
     g.options = options
-    g.reservation = runtime.pipeline.admit(options)  # QueueFull: 503 now
+    g.reservation = runtime.pipeline.admit(options, held=g.reservation)  # QueueFull: 503 now
 
 
 @bp.teardown_request

@@ -60,15 +60,21 @@ def error(
     status: int, message: str, *, state: str = "error", headers: dict[str, str] | None = None
 ) -> Response:
     """The error envelope; `state` is the lifecycle word the contract puts in `status`."""
-    body = {
-        "error": {"message": message},
-        "metadata": {"processing_time": elapsed()},
-        "predictions": [],
-        "service": SERVICE,
-        "status": state,
-    }
-    resp = jsonify(body)
+    resp = jsonify(error_body(message, state=state, processing_time=elapsed()))
     resp.status_code = status
     for name, value in (headers or {}).items():
         resp.headers[name] = value
     return resp
+
+
+def error_body(
+    message: str, *, state: str = "error", processing_time: float = 0.0
+) -> dict[str, Any]:
+    """The error envelope's body (also written by the door, http_api/door.py, outside Flask)."""
+    return {
+        "error": {"message": message},
+        "metadata": {"processing_time": processing_time},
+        "predictions": [],
+        "service": SERVICE,
+        "status": state,
+    }

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from waitress import create_server, wasyncore
 from waitress.channel import HTTPChannel
 
+from http_api import door
 from http_api.envelope import SERVICE
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class HttpServer:
         self._server: Any = create_server(
             app, host=settings.bind_host, port=settings.port, **waitress_options(settings)
         )
+        self.door = door.install(self._server, app, settings)  # 503 on the headers
         self._drain_requested_at: float | None = None
         self._stop_now = False
 
