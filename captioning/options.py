@@ -98,10 +98,22 @@ OPTIONS: tuple[OptionSpec, ...] = (
     # Counts the decoder prompt: the model's "[DEC] a picture of" is 4 tokens, so 5 is the
     # least that leaves room for a word (a longer `prompt` needs more; the model checks).
     OptionSpec(
-        "max_length", "max_length", int, 30, "maximum tokens, prompt included", 5, MAX_LENGTH
+        "max_length",
+        "max_length",
+        int,
+        30,
+        "maximum tokens, prompt included (BLIP-2: new tokens; docs/models.md)",
+        5,
+        MAX_LENGTH,
     ),
     OptionSpec(
-        "min_length", "min_length", int, 10, "minimum caption tokens (<= max_length)", 0, MAX_LENGTH
+        "min_length",
+        "min_length",
+        int,
+        10,
+        "minimum caption tokens, prompt included (<= max_length)",
+        0,
+        MAX_LENGTH,
     ),
     OptionSpec(
         "sampling", "use_nucleus_sampling", bool, False, "nucleus sampling instead of beams"

@@ -243,7 +243,7 @@ def test_library_found_through_ld_library_path_and_ld_so_conf(tmp_path: Path) ->
 
 def test_diagnosis_imports_no_torch() -> None:
     code = (
-        "import sys, pathlib, model_device as m; "
+        "import sys, pathlib, captioner.device as m; "
         "m.diagnose_gpu(root=pathlib.Path('/'), environ={}, torch_cuda='13.0'); "
         "print('torch' in sys.modules)"
     )
