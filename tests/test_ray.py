@@ -21,8 +21,7 @@ from test_cli import TINY_YAML, cli_env, run_cli, shared_shapes
 import tiny_shapes
 
 
-@pytest.fixture(autouse=True)
-def ray_group():
+def require_ray_group() -> None:
     """Fail (not skip) with the fix when the ray group is missing or broken."""
     problems = []
     if importlib.util.find_spec("ray") is None:
@@ -37,6 +36,11 @@ def ray_group():
             "--frozen --group ray; pyarrow must be <26 while numpy is pinned <2)",
             pytrace=False,
         )
+
+
+@pytest.fixture(autouse=True)
+def ray_group():
+    require_ray_group()
 
 
 @pytest.fixture
