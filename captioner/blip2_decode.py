@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from captioner.generation_view import generation_view
+
 if TYPE_CHECKING:
     import torch
 
@@ -48,27 +50,16 @@ def _view_class() -> type:
 
 
 def _make_view_class() -> type:
-    from transformers.generation import GenerationMixin
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    class PrefilledOPT(GenerationMixin):
+    class PrefilledOPT(generation_view()):  # type: ignore[misc]
         """LAVIS's OPTForCausalLM as `generate()` sees it, its first step already computed."""
 
-        main_input_name = "input_ids"
-
         def __init__(self, lm: Any, logits: torch.Tensor, past: Any, group: int) -> None:
+            super().__init__(lm)
             self.lm = lm
-            self.config = lm.config
             self.first = (logits, past)
             self.group = group
-            self.steps = 0
-
-        @property
-        def device(self) -> torch.device:
-            return self.lm.device
-
-        def __call__(self, **kwargs: Any) -> Any:
-            return self.forward(**kwargs)
 
         def prepare_inputs_for_generation(
             self,

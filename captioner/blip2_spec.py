@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner.spec import CLIP_MEAN, CLIP_STD, ModelError
+from captioner.spec import read_model_yaml as read_model_yaml  # re-exported for the scripts
 
 ARCHS = ("blip2_opt", "blip2_t5")
 BERT_DIRNAME = "bert-base-uncased"
@@ -194,16 +195,3 @@ def yaml_blip2_spec(path: Path, raw: dict[str, Any]) -> Blip2Spec:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"MODEL_CONFIG {path} is malformed: {exc!r}") from None
-
-
-def read_model_yaml(path: Path) -> dict[str, Any]:
-    """The raw mapping of a MODEL_CONFIG file; `arch` in it says which family loads it."""
-    import yaml
-
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ModelError(f"cannot read MODEL_CONFIG {path}: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ModelError(f"MODEL_CONFIG {path} must be a YAML mapping")
-    return raw

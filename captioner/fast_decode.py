@@ -35,6 +35,8 @@ import types
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from captioner.generation_view import generation_view
+
 if TYPE_CHECKING:  # heavy imports stay out of import time
     import torch
 
@@ -126,30 +128,19 @@ def _lm_class() -> type:
 
 def _make_lm_class() -> type:
     import torch
-    from transformers.generation import GenerationMixin
     from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
     from transformers.pytorch_utils import apply_chunking_to_forward
 
-    class CachedCrossAttentionLM(GenerationMixin):
+    class CachedCrossAttentionLM(generation_view()):  # type: ignore[misc]
         """The LAVIS decoder as Hugging Face `generate()` sees it, reading image K/V from a cache.
 
         Holds no weights: every module call goes to the wrapped decoder's own submodules.
         """
 
-        main_input_name = "input_ids"
-
         def __init__(self, decoder: Any, cache: CrossAttentionCache) -> None:
+            super().__init__(decoder)
             self.decoder = decoder
-            self.config = decoder.config
             self.cache = cache
-            self.steps = 0
-
-        @property
-        def device(self) -> torch.device:
-            return self.decoder.device
-
-        def __call__(self, **kwargs: Any) -> Any:
-            return self.forward(**kwargs)
 
         def prepare_inputs_for_generation(
             self,

@@ -25,7 +25,6 @@ from captioner.blip2_spec import (
     ARCHS,
     Blip2Spec,
     lavis_blip2_spec,
-    read_model_yaml,
     yaml_blip2_spec,
     zoo_files,
 )
@@ -35,6 +34,7 @@ from captioner.spec import (
     ModelFilesMissing,
     ModelSpec,
     lavis_spec,
+    read_model_yaml,
     yaml_spec,
 )
 
@@ -182,7 +182,7 @@ def local_spec(path: Path) -> AnySpec:
     raw = read_model_yaml(path)
     if raw.get("arch") in ARCHS:
         return yaml_blip2_spec(path, raw)
-    return yaml_spec(path)
+    return yaml_spec(path, raw)
 
 
 def configured_name(settings: Settings) -> str:

@@ -86,8 +86,8 @@ def lavis_spec(model_name: str, model_type: str, model_dir: Path) -> ModelSpec:
     )
 
 
-def yaml_spec(path: Path) -> ModelSpec:
-    """The spec of a local model described by a YAML file (see models/tiny-shapes/model.yaml)."""
+def read_model_yaml(path: Path) -> dict[str, Any]:
+    """The raw mapping of a MODEL_CONFIG file; `arch` in it says which family loads it."""
     import yaml
 
     try:
@@ -96,6 +96,12 @@ def yaml_spec(path: Path) -> ModelSpec:
         raise ModelError(f"cannot read MODEL_CONFIG {path}: {exc}") from None
     if not isinstance(raw, dict):
         raise ModelError(f"MODEL_CONFIG {path} must be a YAML mapping")
+    return raw
+
+
+def yaml_spec(path: Path, raw: dict[str, Any] | None = None) -> ModelSpec:
+    """The spec of a local model described by a YAML file (see models/tiny-shapes/model.yaml)."""
+    raw = read_model_yaml(path) if raw is None else raw
     base = path.resolve().parent
     try:
         vit = dict(raw["vit"])
