@@ -6,7 +6,7 @@
     page.py      /  (browser page, page_static/)
     errors.py    every error → envelope           cors.py           CORS headers
     metrics.py   /metrics, request counting        request_log.py    X-Request-ID, access log
-    context.py   the runtime behind the app
+    context.py   the runtime behind the app        door.py           503 on the headers (waitress)
 
 Views parse, call the pipeline, and wrap the result; they never translate errors or start
 threads. To add a route: a new module with a `bp`, registered below.
