@@ -299,3 +299,38 @@ def test_ray_captions_with_blip2_from_a_relative_model_config(tmp_path, tiny_bli
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_parquet_rows(out)
     assert {str(Path(row["path"]).resolve()): row["predictions"] for row in rows} == expected
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"max_length": "75", "min_length": "75"},
+        {"max_length": "1"},
+        {"num_beams": "10", "num_captions": "5", "max_length": "40"},
+        {"sampling": "true", "num_captions": "5", "top_p": "0.001", "repetition_penalty": "10"},
+        {"sampling": "true", "top_p": "1", "num_beams": "1"},
+        {"prompt": "a photo of " * 18, "max_length": "75"},
+        {"prompt": "un chat 🐈 sur le toit, très «joli» \u202e\u0000", "num_beams": "1"},
+        {"prompt": "a", "min_length": "60", "max_length": "20"},
+    ],
+)
+def test_every_option_at_its_limits_is_a_caption_or_a_400(
+    serve_app, blip2_settings, tiny_blip2, params
+) -> None:
+    """The option table's edges on BLIP-2 over HTTP: either captions (as many as asked, none
+    empty) or a 400 naming the option, never a 500 or a crash."""
+    server = serve_app(blip2_settings.with_overrides(cache_size=0), captioner=tiny_blip2)
+    resp = requests.post(
+        server.url + "/v3/analyze",
+        files={"file": ("x.png", images(1, seed=5)[0], "image/png")},
+        params=params,
+        timeout=TIMEOUT,
+    )
+    body = resp.json()
+    assert resp.status_code in (200, 400), body
+    if resp.status_code == 400:
+        message = body["error"]["message"]
+        assert any(name in message for name in params), message
+        return
+    texts = [p["text"] for p in body["predictions"]]
+    assert len(texts) == int(params.get("num_captions", 1)) and all(texts), texts
