@@ -30,6 +30,7 @@ from local_http import LocalHTTPServer  # noqa: E402
 IMAGE = os.environ.get("IMAGE", "blip2-caption-service:latest")
 MAX_IMAGE_BYTES = 6 * 1024**3
 TINY = "models/tiny-shapes/model.yaml"
+TINY_BLIP2 = "models/tiny-blip2/model.yaml"
 SAMPLE = ROOT / "models/tiny-shapes/samples/two-red-circles.png"
 NAME = "blip2-check"
 VOLUME = "blip2-check-models"
@@ -234,25 +235,8 @@ def check_static(report: Report) -> None:
 
 def check_doctor(report: Report) -> None:
     """The doctor inside the image must say what this host is: no GPU, the CPU it has."""
-    inside = engine(
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        IMAGE,
-        "python",
-        "blip2_model.py",
-        "doctor",
-        "--json",
-        timeout=300,
-    )
-    outside = subprocess.run(
-        [sys.executable, "blip2_model.py", "doctor", "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    inside = offline_cli("doctor", "--json")
+    outside = host_cli("doctor", "--json")
     try:
         a, b = json.loads(inside.stdout), json.loads(outside.stdout)
     except json.JSONDecodeError:
@@ -274,23 +258,39 @@ def check_doctor(report: Report) -> None:
         inside.returncode == 0 and agree,
         f"device {a['device']}, exit {inside.returncode}, {same}",
     )
-    forced = engine(
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "-e",
-        "DEVICE=cuda",
-        IMAGE,
-        "python",
-        "blip2_model.py",
-        "doctor",
-        timeout=300,
-    )
+    forced = offline_cli("doctor", env=("DEVICE=cuda",))
     report.check(
         "doctor refuses DEVICE=cuda without a GPU, and says why",
         forced.returncode != 0 and "CANNOT START" in forced.stdout,
         forced.stdout.strip().splitlines()[-2:],
+    )
+    # The BLIP-2 family (LAVIS Blip2OPT, its OPT tokenizer) loads from the image's own files.
+    sample = str(SAMPLE.relative_to(ROOT))
+    blip2 = offline_cli("caption", sample, env=(f"MODEL_CONFIG={TINY_BLIP2}", "DEVICE=cpu"))
+    host = host_cli("caption", sample, env={"MODEL_CONFIG": TINY_BLIP2, "DEVICE": "cpu"})
+    report.check(
+        "the tiny BLIP-2 captions inside the image, offline, as on the host",
+        blip2.returncode == 0 and '"caption"' in blip2.stdout and blip2.stdout == host.stdout,
+        (blip2.stdout or blip2.stderr)[-300:],
+    )
+
+
+def offline_cli(*args: str, env: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`python blip2_model.py ARGS` in a fresh container with no network."""
+    flags = [part for kv in env for part in ("-e", kv)]
+    command = ("python", "blip2_model.py", *args)
+    return engine("run", "--rm", "--network", "none", *flags, IMAGE, *command, timeout=300)
+
+
+def host_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The same command on the host, from the same commit."""
+    return subprocess.run(
+        [sys.executable, "blip2_model.py", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
