@@ -23,6 +23,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Image tokens one ViT call takes on a CPU. Measured (docs/performance.md, batch profile): ViT-L
+#: at 384 px (577 tokens per image) ran 3.77 s per image as one call for a batch of 8 and 3.21 s
+#: one image per call, on 2 AVX-512 cores: a whole batch's activations (8 x 577 x 1024 floats per
+#: layer, the attention maps 16 x 577 x 577 per image) fall out of the caches. Small models keep
+#: whole batches (tiny-shapes: 37 tokens per image), and a GPU always takes the whole batch.
+CPU_ENCODER_TOKENS = 1024
+
 
 class BlipCaptioner(CaptionerBase):
     """A loaded BLIP v1 model that captions a list of images in one batch.
@@ -43,6 +50,7 @@ class BlipCaptioner(CaptionerBase):
     ) -> None:
         super().__init__(model, spec, device=device, precision=precision, decode=decode)
         self.tokenizer = model.tokenizer
+        self.encoder_chunk = self._encoder_chunk()
         if decode == "fast":
             from captioner import fast_decode
 
@@ -68,6 +76,25 @@ class BlipCaptioner(CaptionerBase):
             time.monotonic() - started,
         )
         return cls(model, spec, device=device, precision=precision, decode=decode)
+
+    def _encoder_chunk(self) -> int:
+        """Images per ViT call: all of them on a GPU, a token budget's worth on a CPU."""
+        if not self.device.startswith("cpu"):
+            return 1 << 30
+        patches = getattr(getattr(self.model.visual_encoder, "patch_embed", None), "num_patches", 0)
+        return max(1, CPU_ENCODER_TOKENS // (int(patches) + 1))
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The ViT's image embeddings, `encoder_chunk` images per call (see CPU_ENCODER_TOKENS);
+        each image's embedding does not depend on the others in its call."""
+        step = self.encoder_chunk
+        if len(pixels) <= step:
+            return self.model.forward_encoder({"image": pixels})
+        parts = [
+            self.model.forward_encoder({"image": pixels[i : i + step]})
+            for i in range(0, len(pixels), step)
+        ]
+        return self._torch.cat(parts)
 
     # -- identity ----------------------------------------------------------------------------
 
@@ -118,7 +145,7 @@ class BlipCaptioner(CaptionerBase):
             return []
         pixels = self._torch.stack(list(prepared)).to(device=self.device, dtype=self.dtype)
         with self._torch.inference_mode(), self._autocast():
-            embeds = self.model.forward_encoder({"image": pixels})
+            embeds = self.encode(pixels)
             texts = self._decode(embeds, opts)
         n = opts.num_captions
         return [texts[i * n : (i + 1) * n] for i in range(len(prepared))]

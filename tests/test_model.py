@@ -53,6 +53,26 @@ def test_batch_equals_single(tiny_captioner: Captioner) -> None:
     assert tiny_captioner.caption(images[:4], opts) == alone
 
 
+def test_encoder_chunks_by_token_budget(tiny_captioner: Captioner) -> None:
+    """On a CPU the ViT takes CPU_ENCODER_TOKENS image tokens per call: the tiny model (37 tokens
+    per image) a whole batch, and a batch split over several calls gives the same captions."""
+    import torch
+
+    assert tiny_captioner.encoder_chunk == 1024 // 37
+    images, _ = fresh_samples(8, seed=12)
+    whole = tiny_captioner.caption(images)
+    pixels = torch.stack([tiny_captioner.prepare(img) for img in images])
+    with torch.inference_mode():
+        together = tiny_captioner.encode(pixels)
+        tiny_captioner.encoder_chunk = 3
+        try:
+            split = tiny_captioner.encode(pixels)
+            assert tiny_captioner.caption(images) == whole
+        finally:
+            tiny_captioner.encoder_chunk = 1024 // 37
+    assert torch.allclose(together, split, atol=1e-5)
+
+
 def test_default_options_are_the_reference_decode() -> None:
     opts = GenerationOptions()
     assert (opts.num_beams, opts.max_length, opts.min_length) == (3, 30, 10)
@@ -158,6 +178,7 @@ def test_large_coco_architecture_builds_without_weights(tmp_path: Path) -> None:
     assert 440e6 < params < 452e6, params
     assert model.visual_encoder.embed_dim == 1024 and len(model.visual_encoder.blocks) == 24
     assert model.text_decoder.config.encoder_width == 1024
+    assert Captioner(model, spec).encoder_chunk == 1  # 577 image tokens: one image per ViT call
 
 
 def test_missing_weights_fail_fast_with_clear_message(tmp_path: Path, http_server) -> None:
