@@ -61,21 +61,22 @@ class BlipCaptioner(CaptionerBase):
         cls, spec: ModelSpec, *, device: str = "cpu", precision: str = "fp32", decode: str = "fast"
     ) -> BlipCaptioner:
         """Assemble the model, read its checkpoint strictly, cast it to `precision` on `device`."""
-        from captioner.blip_build import build_model, count_parameters, load_checkpoint
+        from captioner.blip_build import build_model, load_checkpoint
 
         started = time.monotonic()
         model = build_model(spec)
         if spec.checkpoint is not None:
             load_checkpoint(model, spec.checkpoint)
+        captioner = cls(model, spec, device=device, precision=precision, decode=decode)
         log.info(
             "loaded %s (%.1fM parameters) on %s in %s in %.1fs",
             spec.name,
-            count_parameters(model) / 1e6,
+            captioner.parameters / 1e6,
             device,
             precision,
             time.monotonic() - started,
         )
-        return cls(model, spec, device=device, precision=precision, decode=decode)
+        return captioner
 
     def _encoder_chunk(self) -> int:
         """Images per ViT call: all of them on a GPU, a token budget's worth on a CPU."""

@@ -80,11 +80,15 @@ def estimate_parameters(spec: Any) -> int:
     return _file_bytes(files) // 4
 
 
-def needed_bytes(blip2: bool, precision: str, parameters: int, checkpoint_bytes: int = 0) -> int:
+def needed_bytes(
+    blip2: bool, precision: str, parameters: int, checkpoint_bytes: int | None = None
+) -> int:
     """Peak bytes while loading and running a model (see the module docstring): BLIP v1 is built
-    in fp32 and reads its checkpoint whole; BLIP-2 assigns weights in the target precision."""
+    in fp32 and reads its checkpoint whole (`checkpoint_bytes`; None = not on disk yet, so the
+    fp32 file it will read); BLIP-2 assigns weights in the target precision."""
     if not blip2:
-        return int(parameters * 4 * (1 + LOADING_MARGIN)) + checkpoint_bytes
+        loading = parameters * 4 if checkpoint_bytes is None else checkpoint_bytes
+        return int(parameters * 4 * (1 + LOADING_MARGIN)) + loading
     return int(parameters * BYTES_PER_PARAMETER.get(precision, 4) * (1 + LOADING_MARGIN))
 
 
@@ -124,9 +128,7 @@ def memory_need(spec: Any, device: str, precision: str, root: Path = Path("/")) 
     params = estimate_parameters(spec)
     blip2 = hasattr(spec, "lm_dir")
     checkpoint = getattr(spec, "checkpoint", None)
-    ckpt_bytes = _file_bytes([checkpoint]) if checkpoint is not None and not blip2 else 0
-    if not blip2 and ckpt_bytes == 0 and str(spec.name) in ZOO_PARAMETERS:
-        ckpt_bytes = params * 4  # not downloaded yet: the fp32 file it will read
+    ckpt_bytes = 0 if checkpoint is None else _file_bytes([checkpoint]) or None
     have, where = available_bytes(device, root)
     return MemoryNeed(
         model=str(spec.name),
@@ -160,7 +162,7 @@ def zoo_needs(device: str, precision: str, root: Path = Path("/")) -> list[Memor
     needs = []
     for name, params in ZOO_PARAMETERS.items():
         blip2 = not name.startswith("blip_caption/")
-        needed = needed_bytes(blip2, precision, params, 0 if blip2 else params * 4)
+        needed = needed_bytes(blip2, precision, params)
         needs.append(MemoryNeed(name, precision, params, needed, have, where))
     return needs
 

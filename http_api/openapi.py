@@ -251,13 +251,14 @@ def build(factories: Iterable[PartFactory], settings: Settings) -> dict[str, Any
         _merge_paths(paths, part.paths)
         _merge_unique(schemas, part.schemas, "schema")
         tags.extend(t for t in part.tags if t["name"] not in {x["name"] for x in tags})
+    model = model_label(settings)  # reads the model's YAML: once per document
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
             "title": "BLIP2 caption service",
             "version": API_VERSION,
-            "description": f"{_INFO} Model: `{model_label(settings)}`.",
-            "x-model": model_label(settings),
+            "description": f"{_INFO} Model: `{model}`.",
+            "x-model": model,
         },
         "tags": tags,
         "paths": dict(sorted(paths.items())),
