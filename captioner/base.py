@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 
 DECODERS = ("fast", "stock")
 
+#: Distinct prompt texts whose tokens a captioner keeps (the `prompt` option is the caller's
+#: text, so the memo is bounded; the default prompt is the one nearly every request uses).
+PROMPT_MEMO = 256
+
 
 class CaptionModel(Protocol):
     """A loaded captioning model, owned by one thread (the batcher's worker)."""

@@ -17,13 +17,14 @@ and that is decided here, once:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from captioner.base import CaptionerBase
+from captioner.base import PROMPT_MEMO, CaptionerBase
 from captioner.blip2_spec import Blip2Spec
 from captioner.spec import ModelError
 from captioning.errors import InvalidOption
@@ -79,6 +80,8 @@ class Blip2Captioner(CaptionerBase):
             decode = "stock"  # Blip2T5's stock generate already encodes each image once
         super().__init__(model, spec, device=device, precision=precision, decode=decode)
         self.arch = spec.arch
+        # Options are checked per request against the prompt's length (see BlipCaptioner).
+        self._opt_prompt_len = functools.lru_cache(maxsize=PROMPT_MEMO)(self._count_opt_tokens)
         # LAVIS's fp16-safe LayerNorm computes in fp32 and needs fp32 weights (as on GPU).
         self.model.ln_vision.float()
         if spec.arch == "blip2_t5" and self.dtype != torch.float32:
@@ -116,8 +119,11 @@ class Blip2Captioner(CaptionerBase):
     def prompt_length(self, prompt: str) -> int:
         """Tokens of the language-model prompt as min_length counts them (BOS included)."""
         if self.spec.arch == "blip2_opt":
-            return len(self.model.opt_tokenizer(prompt).input_ids)
+            return self._opt_prompt_len(prompt)
         return 1  # T5: min_length counts decoder tokens, which start with the start token
+
+    def _count_opt_tokens(self, prompt: str) -> int:
+        return len(self.model.opt_tokenizer(prompt).input_ids)
 
     def check_options(self, options: GenerationOptions) -> GenerationOptions:
         """Validate options for this model: min_length counts the prompt, so it must be
@@ -197,5 +203,4 @@ class Blip2Captioner(CaptionerBase):
 
         inputs_opt = query_embeds(self.model, pixels)
         ids = opt_generate(self.model, inputs_opt, prompt, **kw)
-        prompt_len = self.model.opt_tokenizer(prompt, return_tensors="pt").input_ids.shape[1]
-        return decode_texts(self.model, ids, prompt_len)
+        return decode_texts(self.model, ids, self._opt_prompt_len(prompt))
