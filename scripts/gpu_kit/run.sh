@@ -62,6 +62,7 @@ if ! command -v "$PY" >/dev/null 2>&1 || ! "$PY" -c 'import sys' 2>/dev/null; th
   exit 2
 fi
 PY="$(command -v "$PY")"
+case "$PY" in /*) ;; *) PY="$PWD/$PY" ;; esac  # stages run from the kit's src/
 
 # The kit's layers first, then the host's; caches and Hugging Face files outside the kit (it may
 # be read-only) and outside $OUT (which comes back to whoever started the run).
