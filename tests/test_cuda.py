@@ -9,6 +9,7 @@ device nodes, no GPU at all, ...). Shares of identical captions are written to t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -65,10 +66,16 @@ def cuda_required() -> None:
 def say(request: pytest.FixtureRequest) -> Callable[[str], None]:
     """Write a measured number to the terminal (and the JUnit report) without -s."""
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    # pytest captures fd 1 while a test runs, the terminal reporter's stream included: without
+    # lifting the capture the line never reaches the terminal (seen on the H200, 2026-12-04).
+    capman = request.config.pluginmanager.get_plugin("capturemanager")
 
     def write(line: str) -> None:
         request.node.user_properties.append(("measured", line))
-        if reporter is not None:
+        if reporter is None:
+            return
+        lifted = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+        with lifted:
             reporter.ensure_newline()
             reporter.write_line(f"[cuda] {line}")
 
