@@ -12,7 +12,9 @@ chosen before torch loads), then, interleaved over `--rounds` so drift hits ever
 - the service's call, `Captioner.caption_prepared` on the batch (what the inference worker runs),
 
 and prints per-image seconds, the floor (encoder alone + the decoder's share) and how far the
-service's call is above it (target: within 10 %), plus the top CPU ops of one profiled batch.
+service's call is above it (target: within 10 %), the encoder's arithmetic against this
+machine's best matrix-product rate in the same precision (how far any encoder could go), plus
+the top CPU ops of one profiled batch.
 fp32 captions of the service's call must equal stock LAVIS `generate` on the same batch. The last
 line is JSON.
 """
@@ -35,6 +37,35 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_support import describe, machine  # noqa: E402
 
 TARGET = 1.10
+
+
+def encoder_flops(vit: Any) -> float:
+    """Floating-point operations of one image through the ViT (2 per multiply-add): per block
+    the qkv, projection and MLP matrix products plus the two attention products."""
+    tokens = int(vit.patch_embed.num_patches) + 1
+    width = int(vit.embed_dim)
+    hidden = int(vit.blocks[0].mlp.fc1.out_features)
+    per_block = tokens * width * (3 * width + width + 2 * hidden) + 2 * tokens * tokens * width
+    return 2.0 * len(vit.blocks) * per_block
+
+
+def gemm_rate(torch: Any, vit: Any, batch: int, dtype: Any, repeats: int = 5) -> float:
+    """FLOP/s of this machine's best case for the encoder: its largest matrix product (the MLP's
+    first layer over the whole batch's tokens, `F.linear` as the model calls it) in `dtype`,
+    best of `repeats` after a warm-up. An encoder cannot run faster than this rate."""
+    tokens = (int(vit.patch_embed.num_patches) + 1) * batch
+    fc1 = vit.blocks[0].mlp.fc1
+    x = torch.randn(tokens, fc1.in_features).to(dtype)
+    w = torch.randn(fc1.out_features, fc1.in_features).to(dtype)
+    b = torch.randn(fc1.out_features).to(dtype)
+    best = float("inf")
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            started = time.perf_counter()
+            torch.nn.functional.linear(x, w, b)
+            if i:
+                best = min(best, time.perf_counter() - started)
+    return 2.0 * tokens * fc1.in_features * fc1.out_features / best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{per_image['decoder (fast_decode.generate)']:.3f} = {floor:.3f} s/image; service call "
         f"{ours:.3f} s/image = {ratio:.3f}x the floor (target <= {TARGET:g})"
     )
+    flops = encoder_flops(model.visual_encoder)
+    rate = gemm_rate(torch, model.visual_encoder, args.batch, captioner.dtype)
+    ceiling = flops / rate
+    print(
+        f"encoder work {flops / 1e9:.0f} GFLOP per image; this machine's best {args.precision} "
+        f"matrix product (the MLP's, whole batch) runs {rate / 1e9:.0f} GFLOP/s, so the encoder "
+        f"needs at least {ceiling:.3f} s/image; measured {encoder:.3f} "
+        f"({ceiling / encoder:.0%} of that rate)"
+    )
     print("top ops of one service call (self CPU):")
     table = whole.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
     print("\n".join("  " + line for line in table.splitlines()))
@@ -164,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                 "precision": args.precision,
                 **{k: round(v, 4) for k, v in per_image.items()},
                 "floor_s": round(floor, 4),
+                "encoder_gflop": round(flops / 1e9, 1),
+                "gemm_gflops": round(rate / 1e9, 1),
+                "encoder_at_gemm_rate_s": round(ceiling, 4),
                 "ratio_to_floor": round(ratio, 3),
                 "decoder_kv_s": round(kv_s, 3),
                 "decoder_steps": steps,

@@ -24,11 +24,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Image tokens one ViT call takes on a CPU. Measured (docs/performance.md, batch profile): ViT-L
+#: Image tokens one ViT call takes on a CPU where the attention maps are materialised (fp32, or
+#: the stock decoder: LAVIS's own attention). Measured (docs/performance.md, batch profile): ViT-L
 #: at 384 px (577 tokens per image) ran 3.77 s per image as one call for a batch of 8 and 3.21 s
-#: one image per call, on 2 AVX-512 cores: a whole batch's activations (8 x 577 x 1024 floats per
-#: layer, the attention maps 16 x 577 x 577 per image) fall out of the caches. Small models keep
-#: whole batches (tiny-shapes: 37 tokens per image), and a GPU always takes the whole batch.
+#: one image per call, on 2 AVX-512 cores: the attention maps (16 x 577 x 577 floats per image
+#: and layer) are mapped fresh and zeroed page by page on every call. With the fused attention of
+#: the fast path in bf16/fp16 there are no maps, and the whole batch wins (bf16: 1.47 s per image
+#: as one call, 1.91 s one image per call). Small models keep whole batches (tiny-shapes: 37
+#: tokens per image), and a GPU always takes the whole batch.
 CPU_ENCODER_TOKENS = 1024
 
 
@@ -83,8 +86,10 @@ class BlipCaptioner(CaptionerBase):
         return captioner
 
     def _encoder_chunk(self) -> int:
-        """Images per ViT call: all of them on a GPU, a token budget's worth on a CPU."""
-        if not self.device.startswith("cpu"):
+        """Images per ViT call: all of them on a GPU or with fused attention, a token budget's
+        worth on a CPU where the attention maps are materialised (see CPU_ENCODER_TOKENS)."""
+        fused = self.decode == "fast" and self.precision != "fp32"  # fast_decode.optimize_model
+        if not self.device.startswith("cpu") or fused:
             return 1 << 30
         patches = getattr(getattr(self.model.visual_encoder, "patch_embed", None), "num_patches", 0)
         return max(1, CPU_ENCODER_TOKENS // (int(patches) + 1))

@@ -179,6 +179,10 @@ def test_large_coco_architecture_builds_without_weights(tmp_path: Path) -> None:
     assert model.visual_encoder.embed_dim == 1024 and len(model.visual_encoder.blocks) == 24
     assert model.text_decoder.config.encoder_width == 1024
     assert Captioner(model, spec).encoder_chunk == 1  # 577 image tokens: one image per ViT call
+    # The stock decoder keeps LAVIS's attention maps in bf16 too; the fast path fuses them away,
+    # and then a whole batch per ViT call is faster (docs/performance.md).
+    assert Captioner(model, spec, precision="bf16", decode="stock").encoder_chunk == 1
+    assert Captioner(model, spec, precision="bf16").encoder_chunk >= 64
 
 
 def test_missing_weights_fail_fast_with_clear_message(tmp_path: Path, http_server) -> None:
