@@ -265,7 +265,18 @@ class DoorParser(HTTPRequestParser):
 
 
 class DoorTask(WSGITask):
-    """waitress's WSGI task; the door's ticket rides in the environ."""
+    """waitress's WSGI task; the door's ticket rides in the environ, and a response's header
+    never leaves without its first body bytes."""
+
+    def write(self, data: bytes) -> None:
+        # waitress appends the header and the body to the output in two steps, and the socket
+        # thread may send whatever is there in between (any other connection's wake-up lets
+        # it). A replica killed right then leaves its client, through HAProxy, a header with no
+        # body, which no proxy can retry (seen: the kill -9 scale test, 2026-12-04). The
+        # channel's output lock is reentrant (a Condition over an RLock): holding it over both
+        # appends keeps the socket thread from sending half of a small response.
+        with self.channel.outbuf_lock:
+            super().write(data)
 
     def get_environment(self) -> dict[str, Any]:
         environ: dict[str, Any] = super().get_environment()

@@ -133,11 +133,17 @@ def test_rolling_restart_with_drain_fails_no_client_request(cluster) -> None:
     assert load.failures == [], load.failures[:5]
 
 
+JOB_SEEDS = 100_000_000  # above every ClosedLoop client's seeds (client * 1_000_000 + n)
+
+
 def zip_of(count: int) -> bytes:
+    """A job's images. Their seeds must be none a ClosedLoop client posted earlier in this
+    module: the replicas share one Redis result cache, and cached items never reach a model
+    (7_000_000 + i collided with client 7 once the service got fast enough to post 600)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
         for i in range(count):
-            archive.writestr(f"img{i:04d}.png", shapes_png(7_000_000 + i))
+            archive.writestr(f"img{i:04d}.png", shapes_png(JOB_SEEDS + i))
     return buf.getvalue()
 
 
