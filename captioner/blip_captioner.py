@@ -28,11 +28,16 @@ log = logging.getLogger(__name__)
 #: the stock decoder: LAVIS's own attention). Measured (docs/performance.md, batch profile): ViT-L
 #: at 384 px (577 tokens per image) ran 3.77 s per image as one call for a batch of 8 and 3.21 s
 #: one image per call, on 2 AVX-512 cores: the attention maps (16 x 577 x 577 floats per image
-#: and layer) are mapped fresh and zeroed page by page on every call. With the fused attention of
-#: the fast path in bf16/fp16 there are no maps, and the whole batch wins (bf16: 1.47 s per image
-#: as one call, 1.91 s one image per call). Small models keep whole batches (tiny-shapes: 37
-#: tokens per image), and a GPU always takes the whole batch.
+#: and layer) are mapped fresh and zeroed page by page on every call. The fast path's bf16/fp16
+#: attention (fused, or one image's maps at a time: cpu_attention.py) has no batch-wide maps,
+#: and there the whole batch wins (bf16: 1.47 s per image as one call, 1.91 s one per call).
+#: Small models keep whole batches (tiny-shapes: 37 tokens per image), and a GPU always takes
+#: the whole batch.
 CPU_ENCODER_TOKENS = 1024
+
+#: Images in the decoder's cross-attention timing (cpu_attention.choose): the default
+#: MAX_BATCH_SIZE, the batch the service runs under load.
+DECODER_CHOICE_BATCH = 8
 
 
 class BlipCaptioner(CaptionerBase):
@@ -58,10 +63,14 @@ class BlipCaptioner(CaptionerBase):
         # and again in the batch: tokenizing it each time was 40 % of a cached request's CPU.
         self._prompt_row = functools.lru_cache(maxsize=PROMPT_MEMO)(self._tokenize_prompt)
         self.encoder_chunk = self._encoder_chunk()
+        #: The attention kernels of low-precision runs, chosen for this machine (cpu_attention).
+        self.attention = {"encoder": "fused", "decoder": "fused"}
         if decode == "fast":
             from captioner import fast_decode
 
-            fast_decode.optimize_model(self.model)  # fused ViT attention; fp32 untouched
+            self.attention = self._choose_attention()
+            # faster ViT attention in bf16/fp16; fp32 untouched
+            fast_decode.optimize_model(self.model, attention=self.attention["encoder"])
 
     @classmethod
     def load(
@@ -93,6 +102,29 @@ class BlipCaptioner(CaptionerBase):
             return 1 << 30
         patches = getattr(getattr(self.model.visual_encoder, "patch_embed", None), "num_patches", 0)
         return max(1, CPU_ENCODER_TOKENS // (int(patches) + 1))
+
+    def _choose_attention(self) -> dict[str, str]:
+        """Time the fused kernel against matrix products on this model's own attention shapes
+        (a ViT block's self-attention, a decoder layer's cross-attention for 3 beams), once, on
+        the thread that loads and will run the model. Fused on a GPU and in fp32."""
+        from captioner import cpu_attention
+
+        vit = self.model.visual_encoder
+        heads = int(vit.blocks[0].attn.num_heads)
+        tokens = int(vit.patch_embed.num_patches) + 1
+        cross = self.model.text_decoder.bert.encoder.layer[0].crossattention.self
+        choose = functools.partial(cpu_attention.choose, self.dtype, device=self.device)
+        return {
+            "encoder": choose(heads, tokens, tokens, int(vit.embed_dim) // heads, batch=2),
+            # a full batch's worth: at 1-2 images the call overhead decides, not the kernel
+            "decoder": choose(
+                int(cross.num_attention_heads),
+                3,
+                tokens,
+                int(cross.attention_head_size),
+                batch=DECODER_CHOICE_BATCH,
+            ),
+        }
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """The ViT's image embeddings, `encoder_chunk` images per call (see CPU_ENCODER_TOKENS);
@@ -194,7 +226,13 @@ class BlipCaptioner(CaptionerBase):
         if self.decode == "fast":
             from captioner import fast_decode
 
-            return fast_decode.generate(self.model.text_decoder, prompt_ids, embeds, **kw)
+            return fast_decode.generate(
+                self.model.text_decoder,
+                prompt_ids,
+                embeds,
+                attention=self.attention["decoder"],
+                **kw,
+            )
         from captioner.blip_build import stock_generate
 
         return stock_generate(self.model.text_decoder, prompt_ids, embeds, **kw)

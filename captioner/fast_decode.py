@@ -17,12 +17,13 @@ step) and reused. Everything else is the stock computation:
   makes on its per-beam copies (see `CrossAttentionCache`).
 
 In bf16/fp16 (autocast, or low-precision weights) bit-identity is not a goal: there the cross-
-attention of all of an image's beams is one fused scaled-dot-product-attention call, and autocast
+attention of all of an image's beams is one attention call (fused, or matrix products where the
+machine runs those faster: see cpu_attention.py), and autocast
 casts each weight once per call rather than once per step (see `_autocast_weight_cache`).
 
 Nothing in LAVIS is patched: the stock path stays stock in the same process.
 
-`optimize_model` additionally lets the ViT encoder use fused scaled-dot-product attention when
+`optimize_model` additionally gives the ViT encoder the faster attention (cpu_attention.py) when
 running in bf16/fp16; fp32 encoder maths is untouched. `restore_model` undoes it.
 """
 
@@ -35,6 +36,7 @@ import types
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from captioner import cpu_attention
 from captioner.generation_view import generation_view
 
 if TYPE_CHECKING:  # heavy imports stay out of import time
@@ -137,10 +139,13 @@ def _make_lm_class() -> type:
         Holds no weights: every module call goes to the wrapped decoder's own submodules.
         """
 
-        def __init__(self, decoder: Any, cache: CrossAttentionCache) -> None:
+        def __init__(
+            self, decoder: Any, cache: CrossAttentionCache, attention: str = "fused"
+        ) -> None:
             super().__init__(decoder)
             self.decoder = decoder
             self.cache = cache
+            self.attention = attention  # low precision only: see cpu_attention.choose
 
         def prepare_inputs_for_generation(
             self,
@@ -273,7 +278,8 @@ def _make_lm_class() -> type:
             ).view(rows, heads, length, head_dim)
 
         def _fused_context(self, query: torch.Tensor, index: int, group: int) -> torch.Tensor:
-            """Low precision (autocast bf16/fp16): one fused attention call per layer.
+            """Low precision (autocast bf16/fp16): one attention call per layer (fused, or
+            matrix products where those are faster: cpu_attention.choose).
 
             All rows of an image attend together, (B, h, G*L, d) against (B, h, T, d); the
             image mask is all ones, so no mask. Not bit-identical to stock (neither is stock
@@ -288,7 +294,7 @@ def _make_lm_class() -> type:
             q = q.reshape(images, heads, group * length, head_dim)
             if keys.dtype != q.dtype:
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
-            out = torch.nn.functional.scaled_dot_product_attention(q, keys, values)
+            out = cpu_attention.attend(self.attention, q, keys, values)
             out = out.view(images, heads, group, length, head_dim).transpose(1, 2)
             return out.reshape(rows, heads, length, head_dim)
 
@@ -315,13 +321,22 @@ def _autocast_weight_cache(device_type: str) -> contextlib.AbstractContextManage
 # --------------------------------------------------------------------------- public API
 
 
-def generate(decoder: Any, prompt_ids: torch.Tensor, embeds: torch.Tensor, **kw: Any) -> Any:
+def generate(
+    decoder: Any,
+    prompt_ids: torch.Tensor,
+    embeds: torch.Tensor,
+    *,
+    attention: str = cpu_attention.FUSED,
+    **kw: Any,
+) -> Any:
     """Drop-in for `blip2_model.stock_generate`: same arguments, same token ids.
 
     `decoder` is the LAVIS `XBertLMHeadDecoder` (eval mode), `prompt_ids` (B, P) and `embeds`
     (B, T, W) one row per image, never repeated per beam. `kw` goes to Hugging Face `generate()`
     unchanged (max_length, min_length, eos/pad ids, repetition_penalty, and either num_beams +
     num_return_sequences or do_sample + top_p). Returns B * num_return_sequences rows.
+
+    `attention` is the cross-attention kernel of low-precision runs (cpu_attention.choose).
 
     Unlike stock, sampling n captions per image does not need the embeddings repeated: passing
     each image once with num_return_sequences=n gives the same ids as stock on n-fold repeated
@@ -342,7 +357,7 @@ def generate(decoder: Any, prompt_ids: torch.Tensor, embeds: torch.Tensor, **kw:
                 # Autocast would cast the embeddings again for each of the 2 x 12 projections.
                 embeds = embeds.to(torch.get_autocast_dtype(device_type))
             cache = CrossAttentionCache.build(decoder, embeds)
-        lm = _lm_class()(decoder, cache)
+        lm = _lm_class()(decoder, cache, attention)
         out = lm.generate(input_ids=prompt_ids, **kw)
     log.debug(
         "decoded %d images in %d steps; image K/V cache %.1f MB",
@@ -356,12 +371,14 @@ def generate(decoder: Any, prompt_ids: torch.Tensor, embeds: torch.Tensor, **kw:
 # --------------------------------------------------------------------------- encoder
 
 
-def optimize_model(model: Any) -> int:
-    """Give the ViT encoder fused scaled-dot-product attention for bf16/fp16 (autocast) runs.
+def optimize_model(model: Any, attention: str = cpu_attention.FUSED) -> int:
+    """Give the ViT encoder faster attention for bf16/fp16 (autocast) runs.
 
-    LAVIS's `vit.Attention` computes softmax(QK^T)V by hand, materialising a (heads, 577, 577)
-    matrix per layer. Under autocast or with low-precision inputs the patched blocks call
-    `F.scaled_dot_product_attention` instead (about 2x faster attention on CPU, and no less
+    LAVIS's `vit.Attention` computes softmax(QK^T)V by hand for the whole batch at once,
+    materialising a (batch, heads, 577, 577) matrix per layer. Under autocast or with
+    low-precision inputs the patched blocks call `attention` instead: fused
+    `F.scaled_dot_product_attention`, or matrix products a cache-sized block at a time,
+    whichever `cpu_attention.choose` found faster here (both faster than LAVIS's, and no less
     accurate); in fp32 they run the original code, so fp32 captions stay bit-identical to stock.
     Per instance only (no class is touched), idempotent, undone by `restore_model`; the module
     tree and state_dict are unchanged. Returns how many attention blocks are patched.
@@ -373,8 +390,9 @@ def optimize_model(model: Any) -> int:
             attn._fast_decode_saved_forward = attn.__dict__.get("forward")
             attn._fast_decode_patched = True
             attn.forward = types.MethodType(_vit_attention_forward, attn)
+        attn._fast_decode_attention = attention
         count += 1
-    log.info("fast_decode: fused attention on %d ViT blocks for low-precision runs", count)
+    log.info("fast_decode: %s attention on %d ViT blocks for low-precision runs", attention, count)
     return count
 
 
@@ -385,6 +403,7 @@ def restore_model(model: Any) -> None:
             continue
         saved = attn.__dict__.pop("_fast_decode_saved_forward", None)
         del attn.__dict__["_fast_decode_patched"]
+        attn.__dict__.pop("_fast_decode_attention", None)
         if saved is None:
             attn.__dict__.pop("forward", None)
         else:
@@ -415,7 +434,10 @@ def _vit_attention_forward(self: Any, x: torch.Tensor, register_hook: bool = Fal
     batch, tokens, channels = x.shape
     qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, channels // self.num_heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    dropout = self.attn_drop.p if self.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
+    if self.training and self.attn_drop.p:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p, scale=self.scale)
+    else:
+        kind = self.__dict__.get("_fast_decode_attention", cpu_attention.FUSED)
+        out = cpu_attention.attend(kind, q, k, v, self.scale)
     out = out.transpose(1, 2).reshape(batch, tokens, channels)
     return self.proj_drop(self.proj(out))

@@ -178,11 +178,18 @@ def test_large_coco_architecture_builds_without_weights(tmp_path: Path) -> None:
     assert 440e6 < params < 452e6, params
     assert model.visual_encoder.embed_dim == 1024 and len(model.visual_encoder.blocks) == 24
     assert model.text_decoder.config.encoder_width == 1024
-    assert Captioner(model, spec).encoder_chunk == 1  # 577 image tokens: one image per ViT call
+    fp32 = Captioner(model, spec)
+    assert fp32.encoder_chunk == 1  # 577 image tokens: one image per ViT call
+    assert fp32.attention == {"encoder": "fused", "decoder": "fused"}  # fp32 maths untouched
     # The stock decoder keeps LAVIS's attention maps in bf16 too; the fast path fuses them away,
     # and then a whole batch per ViT call is faster (docs/performance.md).
     assert Captioner(model, spec, precision="bf16", decode="stock").encoder_chunk == 1
-    assert Captioner(model, spec, precision="bf16").encoder_chunk >= 64
+    bf16 = Captioner(model, spec, precision="bf16")
+    assert bf16.encoder_chunk >= 64
+    # the attention kernels this machine runs faster, timed on ViT-L's and the decoder's shapes
+    assert set(bf16.attention.values()) <= {"fused", "matmul"}
+    kinds = {b.attn._fast_decode_attention for b in model.visual_encoder.blocks}
+    assert kinds == {bf16.attention["encoder"]}
 
 
 def test_missing_weights_fail_fast_with_clear_message(tmp_path: Path, http_server) -> None:
