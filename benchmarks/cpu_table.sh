@@ -31,4 +31,7 @@ step load-large-fp32-busy benchmarks/load.py --large-dir "$out/large-random" --m
 step load-large-bf16-busy benchmarks/load.py --large-dir "$out/large-random" --model large-random --precision bf16 --duration ${BF16_S:-60} --neighbour --skip-cache --skip-baseline --ours-env default= --ours-env "$ONE"
 step batch-profile-fp32 benchmarks/batch_profile.py --rounds 2
 step batch-profile-bf16 benchmarks/batch_profile.py --precision bf16 --rounds 2
+# The fastest kernel per operation, summed: the floor under bf16 per-image time on this machine
+# (divide the stock step's seconds per image by it for the highest speed-up these kernels allow).
+step kernel-floor-bf16 benchmarks/kernel_floor.py
 echo "== done $(date -u +%H:%M:%S)"
