@@ -64,11 +64,10 @@ class BlipCaptioner(CaptionerBase):
         self._prompt_row = functools.lru_cache(maxsize=PROMPT_MEMO)(self._tokenize_prompt)
         self.encoder_chunk = self._encoder_chunk()
         #: The attention kernels of low-precision runs, chosen for this machine (cpu_attention).
-        self.attention = {"encoder": "fused", "decoder": "fused"}
+        self.attention = self._choose_attention()
         if decode == "fast":
             from captioner import fast_decode
 
-            self.attention = self._choose_attention()
             # faster ViT attention in bf16/fp16; fp32 untouched
             fast_decode.optimize_model(self.model, attention=self.attention["encoder"])
 
@@ -97,18 +96,22 @@ class BlipCaptioner(CaptionerBase):
     def _encoder_chunk(self) -> int:
         """Images per ViT call: all of them on a GPU or with fused attention, a token budget's
         worth on a CPU where the attention maps are materialised (see CPU_ENCODER_TOKENS)."""
-        fused = self.decode == "fast" and self.precision != "fp32"  # fast_decode.optimize_model
-        if not self.device.startswith("cpu") or fused:
+        # fast_decode.optimize_model: no batch-wide attention maps in bf16/fp16
+        unmapped = self.decode == "fast" and self.precision != "fp32"
+        if not self.device.startswith("cpu") or unmapped:
             return 1 << 30
         patches = getattr(getattr(self.model.visual_encoder, "patch_embed", None), "num_patches", 0)
         return max(1, CPU_ENCODER_TOKENS // (int(patches) + 1))
 
     def _choose_attention(self) -> dict[str, str]:
         """Time the fused kernel against matrix products on this model's own attention shapes
-        (a ViT block's self-attention, a decoder layer's cross-attention for 3 beams), once, on
-        the thread that loads and will run the model. Fused on a GPU and in fp32."""
+        (a ViT block's self-attention, a decoder layer's cross-attention for the default beams),
+        once, on the thread that loads and will run the model. Fused on a GPU, in fp32 and with
+        the stock decoder (which runs LAVIS's own attention)."""
         from captioner import cpu_attention
 
+        if self.decode != "fast":
+            return {"encoder": cpu_attention.FUSED, "decoder": cpu_attention.FUSED}
         vit = self.model.visual_encoder
         heads = int(vit.blocks[0].attn.num_heads)
         tokens = int(vit.patch_embed.num_patches) + 1
@@ -119,7 +122,7 @@ class BlipCaptioner(CaptionerBase):
             # a full batch's worth: at 1-2 images the call overhead decides, not the kernel
             "decoder": choose(
                 int(cross.num_attention_heads),
-                3,
+                GenerationOptions().num_beams,
                 tokens,
                 int(cross.attention_head_size),
                 batch=DECODER_CHOICE_BATCH,

@@ -140,7 +140,7 @@ def _make_lm_class() -> type:
         """
 
         def __init__(
-            self, decoder: Any, cache: CrossAttentionCache, attention: str = "fused"
+            self, decoder: Any, cache: CrossAttentionCache, attention: str = cpu_attention.FUSED
         ) -> None:
             super().__init__(decoder)
             self.decoder = decoder
