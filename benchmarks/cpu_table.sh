@@ -31,7 +31,10 @@ step load-large-fp32-busy benchmarks/load.py --large-dir "$out/large-random" --m
 step load-large-bf16-busy benchmarks/load.py --large-dir "$out/large-random" --model large-random --precision bf16 --duration ${BF16_S:-60} --neighbour --skip-cache --skip-baseline --ours-env default= --ours-env "$ONE"
 step batch-profile-fp32 benchmarks/batch_profile.py --rounds 2
 step batch-profile-bf16 benchmarks/batch_profile.py --precision bf16 --rounds 2
-# The fastest kernel per operation, summed: the floor under bf16 per-image time on this machine
-# (divide the stock step's seconds per image by it for the highest speed-up these kernels allow).
-step kernel-floor-bf16 benchmarks/kernel_floor.py
+# The fastest kernel per operation, summed: the floor under bf16 per-image time on this machine,
+# and under it the roofline (the arithmetic at the cores' in-register peak). With the stock step's
+# req/s (STOCK_RPS, else read from the fp32 step) it prints the highest speed-up each allows and what 12x would need.
+stock_rps() { tail -n 1 "$out/load-large-fp32-idle.txt" 2>/dev/null | "$py" -c 'import json, sys; print(json.load(sys.stdin).get("baseline_rps") or "")' 2>/dev/null; }
+STOCK_RPS=${STOCK_RPS:-$(stock_rps)}
+step kernel-floor-bf16 benchmarks/kernel_floor.py --roofline --target 12 ${STOCK_RPS:+--stock-rps $STOCK_RPS}
 echo "== done $(date -u +%H:%M:%S)"

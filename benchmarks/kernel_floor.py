@@ -1,6 +1,7 @@
 """The fastest this machine's kernels could caption one large_coco image: a floor, not a target.
 
     python benchmarks/kernel_floor.py [--precision bf16] [--batch 8] [--steps 26] [--stock-rps R]
+                                      [--roofline [--target T]]
 
 Times, one op at a time and best of `--repeats`, every kind of operation a batch of `--batch`
 images goes through in the service's fast path: the ViT-L encoder's four linear layers, its
@@ -13,6 +14,14 @@ HTTP or image decoding, is the floor of per-image time with these kernels. With 
 (the reference server's req/s measured in the same sitting) it prints the speed-up that floor
 would give: a target above it needs faster kernels than this machine has, not a setting.
 
+`--roofline` adds the floor under any kernel at all: it builds `cpu_peak.c` with the system's C
+compiler (skipped, with the reason, where there is none) for the cores' in-register peak, times a
+512 MB copy for the memory bandwidth, and prices the model's matrix arithmetic (linear layers,
+attention products, image K/V, decoder steps: FLOPs counted from the shapes) at that peak, the
+decoder steps at their weight and image-K/V traffic where that takes longer; softmax, norms and
+GELU count nothing. With `--stock-rps` and `--target T` it prints the share of that peak a T-fold
+speed-up would need the whole service to run at.
+
 Shapes are large_coco's (ViT-L/16 at 384 px: 577 tokens, width 1024, MLP 4096, 16 heads, 24
 blocks; BERT-base decoder: width 768, 3072, 12 layers, 30524-token vocabulary). `--steps` 26
 is what the default options (max_length 30, 4 prompt tokens) give with random weights, whose
@@ -23,7 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +49,7 @@ from bench_support import describe, machine  # noqa: E402
 
 TOKENS, WIDTH, MLP, HEADS, BLOCKS = 577, 1024, 4096, 16, 24
 DEC_WIDTH, DEC_MLP, DEC_LAYERS, VOCAB, BEAMS = 768, 3072, 12, 30524, 3
+PEAK_SOURCE = Path(__file__).resolve().parent / "cpu_peak.c"
 
 
 def best_of(fn: Callable[[], Any], repeats: int) -> float:
@@ -118,6 +131,91 @@ def decoder_ops(torch: Any, dtype: Any, batch: int, steps: int, repeats: int) ->
     }
 
 
+def matrix_work(batch: int, steps: int, elem_bytes: int) -> dict[str, float]:
+    """FLOPs per image of each matrix-product part, and the decoder steps' bytes per image."""
+    d = WIDTH // HEADS
+    dec_weights = DEC_LAYERS * (6 * DEC_WIDTH**2 + 2 * DEC_WIDTH * DEC_MLP)
+    dec_weights += DEC_WIDTH**2 + DEC_WIDTH * VOCAB  # LM head transform and vocabulary
+    image_kv = DEC_LAYERS * 2 * TOKENS * DEC_WIDTH  # one image's keys and values, all layers
+    return {
+        "ViT linear layers": 2.0 * BLOCKS * TOKENS * (4 * WIDTH**2 + 2 * WIDTH * MLP),
+        "ViT attention products": 2.0 * BLOCKS * HEADS * 2 * TOKENS**2 * d,
+        "decoder image K/V": 2.0 * 2 * DEC_LAYERS * TOKENS * WIDTH * DEC_WIDTH,
+        "decoder steps": 2.0 * steps * BEAMS * dec_weights,
+        # every step reads all decoder weights once per batch, and each image's K/V once
+        "decoder steps, bytes": steps * (dec_weights * elem_bytes / batch + image_kv * elem_bytes),
+    }
+
+
+def cpu_peak() -> dict[str, float] | str:
+    """GFLOP/s per kind from cpu_peak.c, or why it could not run."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return "no C compiler (cc) on this machine"
+    with tempfile.TemporaryDirectory(prefix="cpu_peak-") as tmp:
+        exe = Path(tmp) / "cpu_peak"
+        build = [compiler, "-O2", "-fopenmp", str(PEAK_SOURCE), "-o", str(exe)]
+        built = subprocess.run(build, capture_output=True, text=True, timeout=120)
+        if built.returncode:
+            return f"{' '.join(build)} failed: {built.stderr.strip()[-300:]}"
+        ran = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    peaks = {}
+    for line in ran.stdout.splitlines():
+        kind, gflops, _threads = line.split()
+        peaks[kind] = float(gflops) * 1e9
+    return peaks or f"cpu_peak printed nothing (exit {ran.returncode})"
+
+
+def copy_bandwidth(torch: Any, repeats: int) -> float:
+    """Bytes per second read and written by a 512 MB tensor copy (DRAM, not cache)."""
+    src = torch.ones(128 << 20, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / best_of(lambda: dst.copy_(src), repeats)
+
+
+def roofline(torch: Any, args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Print and record the floor under any kernel: the arithmetic at the in-register peak."""
+    peaks = cpu_peak()
+    if isinstance(peaks, str) or args.precision not in peaks:
+        why = peaks if isinstance(peaks, str) else f"this CPU has no {args.precision} unit"
+        print(f"roofline skipped: {why}")
+        result["roofline"] = {"skipped": why}
+        return
+    peak = peaks[args.precision]
+    bandwidth = copy_bandwidth(torch, args.repeats)
+    work = matrix_work(args.batch, args.steps, 2 if args.precision == "bf16" else 4)
+    moved = work.pop("decoder steps, bytes")
+    seconds = {name: flops / peak for name, flops in work.items()}
+    seconds["decoder steps"] = max(seconds["decoder steps"], moved / bandwidth)
+    floor = sum(seconds.values())
+    print(
+        f"\nroofline: {args.precision} in-register peak {peak / 1e9:.0f} GFLOP/s (cpu_peak.c), "
+        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s"
+    )
+    for name, flops in work.items():
+        print(f"{name:50} {seconds[name]:8.3f}   ({flops / 1e9:.1f} GFLOP)")
+    print(f"{'decoder steps, memory traffic':50} {moved / bandwidth:8.3f}   ({moved / 1e9:.2f} GB)")
+    print(f"{'roofline floor (nothing for softmax, norms, GELU)':50} {floor:8.3f}")
+    result["roofline"] = {
+        "peak_gflops": round(peak / 1e9, 1),
+        "bandwidth_gbs": round(bandwidth / 1e9, 1),
+        "floor_s": round(floor, 4),
+        "kernel_floor_share_of_peak": round(floor / result["floor_s"], 3),
+    }
+    print(f"the kernel floor above runs the arithmetic at {floor / result['floor_s']:.0%} of peak")
+    if args.stock_rps:
+        stock_s = 1.0 / args.stock_rps
+        print(f"at the roofline: at most {stock_s / floor:.2f}x stock")
+        result["roofline"]["max_speedup_vs_stock"] = round(stock_s / floor, 2)
+        if args.target:
+            share = floor / (stock_s / args.target)
+            print(
+                f"{args.target:g}x stock = {stock_s / args.target:.3f} s per image end to end: "
+                f"the whole service at {share:.0%} of the in-register peak"
+            )
+            result["roofline"]["target_share_of_peak"] = round(share, 3)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
@@ -125,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=26)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--stock-rps", type=float, help="the reference server's req/s, same run")
+    parser.add_argument("--roofline", action="store_true", help="add the in-register floor")
+    parser.add_argument("--target", type=float, help="with --roofline: a speed-up to price")
     args = parser.parse_args(argv)
 
     from openmp_policy import apply_openmp_policy
@@ -161,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             f"alone allow at most {ceiling:.2f}x"
         )
         result["max_speedup_vs_stock"] = round(ceiling, 2)
+    if args.roofline:
+        with torch.inference_mode():
+            roofline(torch, args, result)
     print(json.dumps(result))
     return 0
 
