@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=26)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--stock-rps", type=float, help="the reference server's req/s, same run")
     parser.add_argument("--roofline", action="store_true", help="add the in-register floor")
     parser.add_argument("--target", type=float, help="with --roofline: a speed-up to price")
