@@ -22,6 +22,7 @@ line is JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -54,7 +55,10 @@ def gemm_rate(torch: Any, vit: Any, batch: int, dtype: Any, repeats: int = 5) ->
     four linear layers over the whole batch's tokens in `dtype`, written into a preallocated
     output (a fresh 20-40 MB output would be mapped and faulted in on every call, which is the
     allocator's cost, not the arithmetic's), best of `repeats` after a warm-up. On the AMD EPYC
-    of docs/performance.md this is the cores' peak: ~420 GFLOP/s bf16, ~200 fp32."""
+    of docs/performance.md this is the cores' peak: ~420 GFLOP/s bf16, ~200 fp32. In bf16 the
+    packed oneDNN product (captioner/packed_linear.py) is timed too, and the faster one counts."""
+    from captioner import packed_linear
+
     tokens = (int(vit.patch_embed.num_patches) + 1) * batch
     block = vit.blocks[0]
     best = 0.0
@@ -65,11 +69,16 @@ def gemm_rate(torch: Any, vit: Any, batch: int, dtype: Any, repeats: int = 5) ->
             b = torch.randn(layer.out_features).to(dtype)
             out = torch.empty(tokens, layer.out_features, dtype=dtype)
             flops = 2.0 * tokens * layer.in_features * layer.out_features
-            for i in range(repeats + 1):
-                started = time.perf_counter()
-                torch.addmm(b, x, w.t(), out=out)
-                if i:
-                    best = max(best, flops / (time.perf_counter() - started))
+            runs = [functools.partial(torch.addmm, b, x, w.t(), out=out)]
+            if packed_linear.available(dtype):  # what the service runs where it is faster
+                packed = packed_linear._pack(w)
+                runs.append(functools.partial(packed_linear._product, x, packed, b, "none"))
+            for run in runs:
+                for i in range(repeats + 1):
+                    started = time.perf_counter()
+                    run()
+                    if i:
+                        best = max(best, flops / (time.perf_counter() - started))
     return best
 
 

@@ -4,13 +4,15 @@
                                       [--roofline [--target T]]
 
 Times, one op at a time and best of `--repeats`, every kind of operation a batch of `--batch`
-images goes through in the service's fast path: the ViT-L encoder's four linear layers, its
-attention as three matrix-product steps (q K^T, softmax, P V; one image at a time, contiguous,
-the best this machine runs them) and as PyTorch's fused kernel, its norms, GELU and residual
-adds; the decoder's image keys and values; and `--steps` decoder steps' linear layers and LM
-head over `batch x 3` beam rows, with distinct weights per layer (as in the model: they do not
-stay in the cache). The sum, with nothing for beam search, the decoder's attention, Python,
-HTTP or image decoding, is the floor of per-image time with these kernels. With `--stock-rps`
+images goes through in the service's fast path: the ViT-L encoder's four linear layers (GELU
+with fc1), its attention as three matrix-product steps (q K^T, softmax, P V; one image at a
+time, contiguous, the best this machine runs them) and as PyTorch's fused kernel, its norms and
+residual adds; the decoder's image keys and values; and `--steps` decoder steps' linear layers
+and LM head over `batch x 3` beam rows, with distinct weights per layer (as in the model: they
+do not stay in the cache). Every product is the faster of `F.linear` and the packed oneDNN
+product of captioner/packed_linear.py (GELU fused), named in brackets. The sum, with nothing
+for beam search, the decoder's attention, Python, HTTP or image decoding, is the floor of
+per-image time with these kernels. With `--stock-rps`
 (the reference server's req/s measured in the same sitting) it prints the speed-up that floor
 would give: a target above it needs faster kernels than this machine has, not a setting.
 
@@ -62,6 +64,23 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
+def fastest_linear(torch: Any, layer: Any, inp: Any, post: str, repeats: int) -> tuple[str, float]:
+    """The faster of `F.linear` and the service's packed oneDNN product (captioner/
+    packed_linear.py, where it exists for this dtype), `post` "gelu" included: separate after
+    the plain product, fused into the packed one. Returns (kernel, seconds)."""
+    from captioner import packed_linear
+
+    act = torch.nn.functional.gelu if post == "gelu" else (lambda t: t)
+    times = {"plain": best_of(lambda: act(layer(inp)), repeats)}
+    if packed_linear.available(layer.weight.dtype):
+        packed = packed_linear._pack(layer.weight)
+        times["packed"] = best_of(
+            lambda: packed_linear._product(inp, packed, layer.bias, post), repeats
+        )
+    kernel = min(times, key=times.__getitem__)
+    return kernel, times[kernel]
+
+
 def encoder_ops(torch: Any, dtype: Any, batch: int, repeats: int) -> dict[str, float]:
     """Seconds per image for each op kind of the 24 ViT blocks."""
     from captioner import cpu_attention
@@ -78,8 +97,10 @@ def encoder_ops(torch: Any, dtype: Any, batch: int, repeats: int) -> dict[str, f
     }
     per_block: dict[str, float] = {}
     for name, (layer, inp) in layers.items():
-        layer = layer.to(dtype)
-        per_block[f"linear {name}"] = best_of(lambda layer=layer, inp=inp: layer(inp), repeats)
+        post = "gelu" if name == "fc1" else "none"
+        label = "linear fc1 + GELU" if post == "gelu" else f"linear {name}"
+        kernel, seconds = fastest_linear(torch, layer.to(dtype), inp, post, repeats)
+        per_block[f"{label} ({kernel})"] = seconds
     d = WIDTH // HEADS
     q, k, v = (torch.randn(1, HEADS, TOKENS, d).to(dtype) for _ in range(3))
     scale = d**-0.5
@@ -97,7 +118,6 @@ def encoder_ops(torch: Any, dtype: Any, batch: int, repeats: int) -> dict[str, f
     matmul = best_of(lambda: cpu_attention.attend(cpu_attention.MATMUL, qb, kb, vb), repeats)
     norm = nn.LayerNorm(WIDTH).to(dtype)
     per_block["layer norms (2)"] = 2 * best_of(lambda: norm(x), repeats)
-    per_block["GELU"] = best_of(lambda: nn.functional.gelu(hidden), repeats)
     per_block["residual adds (2)"] = 2 * best_of(lambda: x + x, repeats)
     out = {name: t * BLOCKS / batch for name, t in per_block.items()}
     out["(attention as one fused call)"] = fused * BLOCKS / batch
@@ -107,10 +127,13 @@ def encoder_ops(torch: Any, dtype: Any, batch: int, repeats: int) -> dict[str, f
 
 def decoder_ops(torch: Any, dtype: Any, batch: int, steps: int, repeats: int) -> dict[str, float]:
     """Seconds per image: the image K/V projections, and `steps` steps' linear layers."""
+    from captioner import packed_linear
+
     nn = torch.nn
     embeds = torch.randn(batch * TOKENS, WIDTH).to(dtype)
     kv = nn.Linear(WIDTH, DEC_WIDTH).to(dtype)
-    kv_s = 2 * DEC_LAYERS * best_of(lambda: kv(embeds), repeats)
+    kv_kernel, kv_s = fastest_linear(torch, kv, embeds, "none", repeats)
+    kv_s *= 2 * DEC_LAYERS
     rows = torch.randn(batch * BEAMS, DEC_WIDTH).to(dtype)
     wide = torch.randn(batch * BEAMS, DEC_MLP).to(dtype)
     # per layer: self q, k, v, out; cross q, out; MLP in and out. Distinct weights, as in the model.
@@ -124,10 +147,23 @@ def decoder_ops(torch: Any, dtype: Any, batch: int, steps: int, repeats: int) ->
             for lin in layer:
                 lin(wide if lin.in_features == DEC_MLP else rows)
 
-    step_s = best_of(step, repeats)
+    steps_s = {"plain": best_of(step, repeats)}
+    if packed_linear.available(dtype):
+        packed = [[(packed_linear._pack(lin.weight), lin) for lin in layer] for layer in weights]
+
+        def packed_step() -> None:
+            for layer in packed:
+                for weight, lin in layer:
+                    inp = wide if lin.in_features == DEC_MLP else rows
+                    packed_linear._product(inp, weight, lin.bias, "none")
+
+        steps_s["packed"] = best_of(packed_step, repeats)
+    kernel = min(steps_s, key=steps_s.__getitem__)
     return {
-        "decoder image K/V": kv_s / batch,
-        f"decoder {steps} steps' linear layers and LM head": step_s * steps / batch,
+        f"decoder image K/V ({kv_kernel})": kv_s / batch,
+        f"decoder {steps} steps' linear layers and LM head ({kernel})": steps_s[kernel]
+        * steps
+        / batch,
     }
 
 

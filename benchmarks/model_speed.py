@@ -415,7 +415,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     import torch
 
     from captioner import device as model_device
-    from captioner import fast_decode
+    from captioner import fast_decode, packed_linear
 
     try:
         plan = model_device.plan_device(args.device, "fp32", report=False)
@@ -438,6 +438,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     runner = Runner(model, spec, args.beams, args.length, device=device)
     rows = sweep_rows(sweep_cells(runner, images, batches, precisions))
     fast_decode.restore_model(model)
+    packed_linear.unpack_model(model)
     print_sweep(rows)
     print(
         "(fp32 captions equal stock's on the CPU; on a GPU, kernels chosen per batch shape may "
@@ -495,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import blip2_model
     from captioner import device as model_device
-    from captioner import fast_decode
+    from captioner import fast_decode, packed_linear
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -548,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         runner.fast(batches[0], length=7)
         bf16_s, bf16_caps = timed(runner.fast, batches)
     fast_decode.restore_model(model)
+    packed_linear.unpack_model(model)
 
     identical = fp32_caps == stock_caps
     bf16_same = sum(a == b for a, b in zip(bf16_caps or [], stock_caps, strict=False))

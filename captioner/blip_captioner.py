@@ -65,11 +65,17 @@ class BlipCaptioner(CaptionerBase):
         self.encoder_chunk = self._encoder_chunk()
         #: The attention kernels of low-precision runs, chosen for this machine (cpu_attention).
         self.attention = self._choose_attention()
+        #: Linear layers on oneDNN-packed weights (bf16 on a CPU where that is faster).
+        self.packed = self._choose_packing()
         if decode == "fast":
             from captioner import fast_decode
 
             # faster ViT attention in bf16/fp16; fp32 untouched
             fast_decode.optimize_model(self.model, attention=self.attention["encoder"])
+        if self.packed:
+            from captioner import packed_linear
+
+            packed_linear.pack_model(self.model)
 
     @classmethod
     def load(
@@ -128,6 +134,29 @@ class BlipCaptioner(CaptionerBase):
                 batch=DECODER_CHOICE_BATCH,
             ),
         }
+
+    def _choose_packing(self) -> bool:
+        """Time packed oneDNN products against `F.linear` on this model's own shapes (one
+        image through the ViT's MLP, a full batch of beam rows through the decoder's), once, on
+        the loading thread. Only the fast decoder in bf16 on a CPU (packed_linear.available)."""
+        from captioner import packed_linear
+
+        if self.decode != "fast" or not packed_linear.available(self.dtype, self.device):
+            return False
+        vit = self.model.visual_encoder
+        tokens = int(vit.patch_embed.num_patches) + 1
+        mlp = vit.blocks[0].mlp.fc1
+        dense = self.model.text_decoder.bert.encoder.layer[0].intermediate.dense
+        rows = DECODER_CHOICE_BATCH * GenerationOptions().num_beams
+        return packed_linear.choose(
+            self.dtype,
+            [
+                (tokens, int(mlp.in_features), int(mlp.out_features)),
+                (rows, int(dense.in_features), int(dense.out_features)),
+                (rows, int(dense.out_features), int(dense.in_features)),
+            ],
+            device=self.device,
+        )
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """The ViT's image embeddings, `encoder_chunk` images per call (see CPU_ENCODER_TOKENS);
