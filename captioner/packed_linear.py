@@ -20,7 +20,8 @@ place) is packed again on its next call, so a packed model never computes with s
 The packed copies are held beside the original weights (kept for the state_dict, the tied
 LM-head/embedding weights and `unpack_model`): +2 bytes per linear parameter, ~0.85 GB for
 large_coco, less than its fp32 build at load time already took.
-fp32 never comes here (its captions stay bit-identical to stock), nor does a GPU.
+fp32 never comes here (its captions stay bit-identical to stock), nor does a GPU, nor BLIP-2
+(its 3.7-7.7 B weights would need their size again beside them; blip_captioner.py packs).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 import types
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -40,13 +42,18 @@ __all__ = ["available", "choose", "pack_model", "unpack_model"]
 #: Pack only when the packed product is clearly faster (timing noise stays plain).
 MARGIN = 0.95
 
-#: Containers whose forward is `act(linear(x))`-shaped with an exact GELU, by class name: the
-#: GELU is fused into the packed product. LAVIS ViT `Mlp` (fc1 -> act -> drop -> fc2 -> drop),
-#: BERT `BertIntermediate` (dense -> act), `BertPredictionHeadTransform` (dense -> act -> LN).
-_GELU_CONTAINERS = {
-    "Mlp": ("fc1", "act"),
-    "BertIntermediate": ("dense", "intermediate_act_fn"),
-    "BertPredictionHeadTransform": ("dense", "transform_act_fn"),
+#: Containers whose forward starts `act(linear(x))` with an exact GELU, by class name: (the
+#: linear, the activation, what the container's forward does after them). The GELU is fused
+#: into the packed product. LAVIS ViT `Mlp` (fc1 -> act -> drop -> fc2 -> drop), BERT
+#: `BertIntermediate` (dense -> act), `BertPredictionHeadTransform` (dense -> act -> LayerNorm).
+_GELU_CONTAINERS: dict[str, tuple[str, str, Callable[[Any, Any], Any]]] = {
+    "Mlp": ("fc1", "act", lambda mlp, hidden: mlp.drop(mlp.fc2(mlp.drop(hidden)))),
+    "BertIntermediate": ("dense", "intermediate_act_fn", lambda _, hidden: hidden),
+    "BertPredictionHeadTransform": (
+        "dense",
+        "transform_act_fn",
+        lambda head, hidden: head.LayerNorm(hidden),
+    ),
 }
 
 
@@ -153,13 +160,13 @@ def pack_model(model: Any) -> int:
             count += 1
     fused = 0
     for module in model.modules():
-        names = _GELU_CONTAINERS.get(type(module).__name__)
-        if names is None or "_packed_gelu" in module.__dict__:
+        fusable = _GELU_CONTAINERS.get(type(module).__name__)
+        if fusable is None or "_packed_gelu" in module.__dict__:
             continue
-        linear, act = (getattr(module, name, None) for name in names)
+        linear, act = (getattr(module, name, None) for name in fusable[:2])
         if linear is None or "_packed_weight" not in linear.__dict__ or not _exact_gelu(act):
             continue
-        module._packed_gelu = names
+        module._packed_gelu = fusable
         module._packed_saved_forward = module.__dict__.get("forward")
         module.forward = types.MethodType(_gelu_container_forward, module)
         fused += 1
@@ -232,15 +239,9 @@ def _linear_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 def _gelu_container_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     """The container's own forward with `act(linear(x))` as one packed product."""
-    linear_name, act_name = self.__dict__["_packed_gelu"]
+    linear_name, _act_name, rest = self.__dict__["_packed_gelu"]
     linear = getattr(self, linear_name)
     packed = _packed(linear) if _packed_ok(linear) and x.device.type == "cpu" else None
     if packed is None:
         return _original(self, x)
-    hidden = _product(x, packed, linear.bias, "gelu")
-    kind = type(self).__name__
-    if kind == "Mlp":
-        return self.drop(self.fc2(self.drop(hidden)))
-    if kind == "BertPredictionHeadTransform":
-        return self.LayerNorm(hidden)
-    return hidden  # BertIntermediate
+    return rest(self, _product(x, packed, linear.bias, "gelu"))
