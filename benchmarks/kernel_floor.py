@@ -12,9 +12,9 @@ and LM head over `batch x 3` beam rows, with distinct weights per layer (as in t
 do not stay in the cache). Every product is the faster of `F.linear` and the packed oneDNN
 product of captioner/packed_linear.py (GELU fused), named in brackets. The sum, with nothing
 for beam search, the decoder's attention, Python, HTTP or image decoding, is the floor of
-per-image time with these kernels. With `--stock-rps`
-(the reference server's req/s measured in the same sitting) it prints the speed-up that floor
-would give: a target above it needs faster kernels than this machine has, not a setting.
+per-image time with these kernels. With `--stock-rps` (the reference server's req/s measured in
+the same sitting) it prints the speed-up that floor would give: a target above it needs faster
+kernels than this machine has, not a setting.
 
 `--roofline` adds the floor under any kernel at all: it builds `cpu_peak.c` with the system's C
 compiler (skipped, with the reason, where there is none) for the cores' in-register peak, times a
@@ -142,22 +142,19 @@ def decoder_ops(torch: Any, dtype: Any, batch: int, steps: int, repeats: int) ->
         [nn.Linear(DEC_WIDTH, DEC_WIDTH).to(dtype), nn.Linear(DEC_WIDTH, VOCAB).to(dtype)]
     ]
 
-    def step() -> None:
+    def step(product: Callable[[Any, Any], Any]) -> None:
         for layer in weights:
             for lin in layer:
-                lin(wide if lin.in_features == DEC_MLP else rows)
+                product(lin, wide if lin.in_features == DEC_MLP else rows)
 
-    steps_s = {"plain": best_of(step, repeats)}
+    steps_s = {"plain": best_of(lambda: step(lambda lin, inp: lin(inp)), repeats)}
     if packed_linear.available(dtype):
-        packed = [[(packed_linear._pack(lin.weight), lin) for lin in layer] for layer in weights]
+        packed = {id(lin): packed_linear._pack(lin.weight) for layer in weights for lin in layer}
 
-        def packed_step() -> None:
-            for layer in packed:
-                for weight, lin in layer:
-                    inp = wide if lin.in_features == DEC_MLP else rows
-                    packed_linear._product(inp, weight, lin.bias, "none")
+        def packed_product(lin: Any, inp: Any) -> Any:
+            return packed_linear._product(inp, packed[id(lin)], lin.bias, "none")
 
-        steps_s["packed"] = best_of(packed_step, repeats)
+        steps_s["packed"] = best_of(lambda: step(packed_product), repeats)
     kernel = min(steps_s, key=steps_s.__getitem__)
     return {
         f"decoder image K/V ({kv_kernel})": kv_s / batch,
