@@ -7,6 +7,7 @@ passes it (or the parts each piece needs) down. Every variable is documented in 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -112,6 +113,9 @@ class Settings:
     # libgomp's idle policy, set before torch loads (openmp_policy.py): passive threads sleep
     # instead of spinning on cores that the inference thread or a neighbour needs.
     omp_wait_policy: str = "passive"
+    # Rounds an idle OpenMP thread spins before it sleeps; None: 10,000 (~0.1 ms) with passive,
+    # libgomp's own with active
+    omp_spin_count: int | None = None
     checkpoint_url: str = DEFAULT_CHECKPOINT_URL
     tokenizer_url: str = DEFAULT_TOKENIZER_URL
     # BLIP-2: the language model's files (HF_ENDPOINT/<hub id>/resolve/main/...) and the caption
@@ -250,6 +254,7 @@ class Settings:
         put("DECODE", "decode", _parse_decode)
         put("TORCH_THREADS", "torch_threads", lambda n, r: _parse_int(n, r, 1, 1024))
         put("OMP_WAIT_POLICY", "omp_wait_policy", _parse_wait_policy)
+        put("GOMP_SPINCOUNT", "omp_spin_count", _parse_spin_count)
         put("CHECKPOINT_URL", "checkpoint_url", lambda n, r: r.strip())
         put("TOKENIZER_URL", "tokenizer_url", lambda n, r: r.strip())
         put("HF_ENDPOINT", "hub_url", lambda n, r: r.strip().rstrip("/"))
@@ -292,6 +297,21 @@ def _parse_wait_policy(name: str, raw: str) -> str:
     if value not in ("passive", "active"):
         raise SettingsError(f"{name} must be passive or active, got {raw!r}")
     return value
+
+
+_SPIN_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def _parse_spin_count(name: str, raw: str) -> int:
+    """GOMP_SPINCOUNT as libgomp reads it: a count with an optional k/M/G/T suffix, or
+    infinite (libgomp's largest count)."""
+    value = raw.strip().lower()
+    if value in ("infinite", "infinity"):
+        return 2**64 - 1
+    match = re.fullmatch(r"(\d+)\s*([kmgt]?)", value)
+    if not match or int(match[1]) * _SPIN_SUFFIXES[match[2]] >= 2**64:
+        raise SettingsError(f"{name} must be a count (e.g. 10000, 30k) or infinite, got {raw!r}")
+    return int(match[1]) * _SPIN_SUFFIXES[match[2]]
 
 
 def _parse_decode(name: str, raw: str) -> str:

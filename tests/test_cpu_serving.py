@@ -117,11 +117,11 @@ def _display_env(env: dict[str, str]) -> str:
         "apply_openmp_policy(Settings.from_env(dotenv_path=None)); import torch; "
         "torch.ones(1 << 16).sum()"
     )
-    clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
-        env={**clean, "OMP_DISPLAY_ENV": "TRUE", **env},
+        env={**clean, "OMP_DISPLAY_ENV": "VERBOSE", **env},
         capture_output=True,
         text=True,
         timeout=120,
@@ -131,18 +131,43 @@ def _display_env(env: dict[str, str]) -> str:
 
 
 def test_wait_policy_is_passive_by_default_and_the_operator_wins() -> None:
-    assert "OMP_WAIT_POLICY = 'PASSIVE'" in _display_env({})
-    assert "OMP_WAIT_POLICY = 'ACTIVE'" in _display_env({"OMP_WAIT_POLICY": "active"})
+    shipped = _display_env({})
+    assert "OMP_WAIT_POLICY = 'PASSIVE'" in shipped
+    assert "GOMP_SPINCOUNT = '10000'" in shipped  # a short spin bridges one step's regions
+    active = _display_env({"OMP_WAIT_POLICY": "active"})
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in active
+    assert "GOMP_SPINCOUNT = '10000'" not in active  # libgomp's own count with active
+    own = _display_env({"GOMP_SPINCOUNT": "0"})
+    assert "OMP_WAIT_POLICY = 'PASSIVE'" in own and "GOMP_SPINCOUNT = '0'" in own
+
+
+@pytest.mark.parametrize(
+    ("raw", "count"),
+    [("10000", 10_000), ("30k", 30_000), (" 2M ", 2_000_000), ("infinite", 2**64 - 1)],
+)
+def test_spin_count_is_read_as_libgomp_reads_it(raw: str, count: int) -> None:
+    from settings import Settings
+
+    assert Settings.from_mapping({"GOMP_SPINCOUNT": raw}).omp_spin_count == count
+
+
+@pytest.mark.parametrize("raw", ["-1", "ten", "10x", "99999999999999999999"])
+def test_a_bad_spin_count_is_refused_by_name(raw: str) -> None:
+    from settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match="GOMP_SPINCOUNT"):
+        Settings.from_mapping({"GOMP_SPINCOUNT": raw})
 
 
 def test_rest_py_chooses_the_policy_before_torch_loads() -> None:
     from service_process import ServiceProcess
 
-    clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    service = ServiceProcess({**clean, "OMP_DISPLAY_ENV": "TRUE", "LOG_LEVEL": "WARNING"})
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    service = ServiceProcess({**clean, "OMP_DISPLAY_ENV": "VERBOSE", "LOG_LEVEL": "WARNING"})
     try:
         service.start()
         assert "OMP_WAIT_POLICY = 'PASSIVE'" in service.output()
+        assert "GOMP_SPINCOUNT = '10000'" in service.output()
     finally:
         service.close()
 
