@@ -309,9 +309,10 @@ def _parse_spin_count(name: str, raw: str) -> int:
     if value in ("infinite", "infinity"):
         return 2**64 - 1
     match = re.fullmatch(r"(\d+)\s*([kmgt]?)", value)
-    if not match or int(match[1]) * _SPIN_SUFFIXES[match[2]] >= 2**64:
+    count = int(match[1]) * _SPIN_SUFFIXES[match[2]] if match else -1
+    if not 0 <= count < 2**64:
         raise SettingsError(f"{name} must be a count (e.g. 10000, 30k) or infinite, got {raw!r}")
-    return int(match[1]) * _SPIN_SUFFIXES[match[2]]
+    return count
 
 
 def _parse_decode(name: str, raw: str) -> str:

@@ -109,6 +109,9 @@ def test_preparing_an_image_starts_no_openmp_team() -> None:
 # ----------------------------------------------------------------------------- wait policy
 
 
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # the service's own choice, unless set
+
+
 def _display_env(env: dict[str, str]) -> str:
     """libgomp's own report of its settings (OMP_DISPLAY_ENV) in a process that applied the
     service's policy and then imported torch."""
@@ -117,7 +120,7 @@ def _display_env(env: dict[str, str]) -> str:
         "apply_openmp_policy(Settings.from_env(dotenv_path=None)); import torch; "
         "torch.ones(1 << 16).sum()"
     )
-    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    clean = {k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES}
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
@@ -162,7 +165,7 @@ def test_a_bad_spin_count_is_refused_by_name(raw: str) -> None:
 def test_rest_py_chooses_the_policy_before_torch_loads() -> None:
     from service_process import ServiceProcess
 
-    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    clean = {k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES}
     service = ServiceProcess({**clean, "OMP_DISPLAY_ENV": "VERBOSE", "LOG_LEVEL": "WARNING"})
     try:
         service.start()
