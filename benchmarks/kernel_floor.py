@@ -4,17 +4,21 @@
                                       [--roofline [--target T]]
 
 Times, one op at a time and best of `--repeats`, every kind of operation a batch of `--batch`
-images goes through in the service's fast path: the ViT-L encoder's four linear layers (GELU
-with fc1), its attention as three matrix-product steps (q K^T, softmax, P V; one image at a
-time, contiguous, the best this machine runs them) and as PyTorch's fused kernel, its norms and
-residual adds; the decoder's image keys and values; and `--steps` decoder steps' linear layers
-and LM head over `batch x 3` beam rows, with distinct weights per layer (as in the model: they
-do not stay in the cache). Every product is the faster of `F.linear` and the packed oneDNN
-product of captioner/packed_linear.py (GELU fused), named in brackets. The sum, with nothing
-for beam search, the decoder's attention, Python, HTTP or image decoding, is the floor of
-per-image time with these kernels. With `--stock-rps` (the reference server's req/s measured in
-the same sitting) it prints the speed-up that floor would give: a target above it needs faster
-kernels than this machine has, not a setting.
+images goes through in the service's fast path: the ViT-L encoder's patch embedding, its four
+linear layers (GELU with fc1), its attention (the fastest of: three matrix-product steps, q K^T,
+softmax, P V, one image at a time, contiguous; PyTorch's fused kernel; the service's matrix
+products), its norms and residual adds; the decoder's image keys and values; and `--steps`
+decoder steps over `batch x 3` beam rows: linear layers and LM head, cross-attention against
+each image's keys and values, self-attention against the steps' cache (at its mean length),
+layer norms, and the beam search's choice over the vocabulary (log-softmax, top-k), with
+distinct weights and keys/values per layer (as in the model: they do not stay in the cache).
+Every product is the faster of `F.linear` and the packed oneDNN product of
+captioner/packed_linear.py (GELU fused), every decoder attention the fastest of the service's
+two kernels (captioner/cpu_attention.py) and its three steps alone, named in brackets. The sum,
+with nothing for Python, copies, HTTP or image decoding, is the floor of per-image time with
+these kernels. With `--stock-rps` (the reference server's req/s measured in the same sitting) it
+prints the speed-up that floor would give: a target above it needs faster kernels than this
+machine has, not a setting.
 
 `--roofline` adds the floor under any kernel at all: it builds `cpu_peak.c` with the system's C
 compiler (skipped, with the reason, where there is none) for the cores' in-register peak, times a
@@ -33,6 +37,7 @@ beams never stop early. The last line is JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import subprocess
@@ -51,6 +56,8 @@ from bench_support import describe, machine  # noqa: E402
 
 TOKENS, WIDTH, MLP, HEADS, BLOCKS = 577, 1024, 4096, 16, 24
 DEC_WIDTH, DEC_MLP, DEC_LAYERS, VOCAB, BEAMS = 768, 3072, 12, 30524, 3
+DEC_HEADS, PROMPT, PATCH, IMAGE = 12, 4, 16, 384  # decoder heads, "a picture of " tokens
+BARE = "q K^T, softmax, P V"  # attention as its three steps alone, no scale (foldable into q)
 PEAK_SOURCE = Path(__file__).resolve().parent / "cpu_peak.c"
 
 
@@ -107,21 +114,33 @@ def encoder_ops(torch: Any, dtype: Any, batch: int, repeats: int) -> dict[str, f
     scores = torch.matmul(q[0] * scale, k[0].transpose(-1, -2))
     probs = torch.softmax(scores, -1)
     one_image = {
-        "attention q K^T": lambda: torch.matmul(q[0] * scale, k[0].transpose(-1, -2)),
-        "attention softmax": lambda: torch.softmax(scores, -1),
-        "attention P V": lambda: torch.matmul(probs, v[0]),
+        "q K^T": lambda: torch.matmul(q[0] * scale, k[0].transpose(-1, -2)),
+        "softmax": lambda: torch.softmax(scores, -1),
+        "P V": lambda: torch.matmul(probs, v[0]),
     }
-    for name, fn in one_image.items():
-        per_block[name] = batch * best_of(fn, repeats)
+    steps = {name: batch * best_of(fn, repeats) for name, fn in one_image.items()}
     qb, kb, vb = (torch.randn(batch, HEADS, TOKENS, d).to(dtype) for _ in range(3))
-    fused = best_of(lambda: cpu_attention.attend(cpu_attention.FUSED, qb, kb, vb), repeats)
-    matmul = best_of(lambda: cpu_attention.attend(cpu_attention.MATMUL, qb, kb, vb), repeats)
+    # The floor takes the fastest way to the whole attention.
+    ways = {
+        "its three steps, one image at a time": sum(steps.values()),
+        "one fused call": best_of(
+            lambda: cpu_attention.attend(cpu_attention.FUSED, qb, kb, vb), repeats
+        ),
+        "the service's matrix products": best_of(
+            lambda: cpu_attention.attend(cpu_attention.MATMUL, qb, kb, vb), repeats
+        ),
+    }
+    way = min(ways, key=ways.__getitem__)
+    per_block[f"attention ({way})"] = ways[way]
     norm = nn.LayerNorm(WIDTH).to(dtype)
     per_block["layer norms (2)"] = 2 * best_of(lambda: norm(x), repeats)
     per_block["residual adds (2)"] = 2 * best_of(lambda: x + x, repeats)
-    out = {name: t * BLOCKS / batch for name, t in per_block.items()}
-    out["(attention as one fused call)"] = fused * BLOCKS / batch
-    out["(attention as service's matrix products)"] = matmul * BLOCKS / batch
+    pixels = torch.randn(batch, 3, IMAGE, IMAGE).to(dtype)
+    patches = nn.Conv2d(3, WIDTH, PATCH, PATCH).to(dtype)
+    out = {"patch embedding": best_of(lambda: patches(pixels), repeats) / batch}
+    out |= {name: t * BLOCKS / batch for name, t in per_block.items()}
+    out |= {f"(attention {name})": t * BLOCKS / batch for name, t in steps.items()}
+    out |= {f"(attention as {name})": t * BLOCKS / batch for name, t in ways.items() if name != way}
     return out
 
 
@@ -161,6 +180,67 @@ def decoder_ops(torch: Any, dtype: Any, batch: int, steps: int, repeats: int) ->
         f"decoder {steps} steps' linear layers and LM head ({kernel})": steps_s[kernel]
         * steps
         / batch,
+    }
+
+
+def decoder_step_ops(
+    torch: Any, dtype: Any, batch: int, steps: int, repeats: int
+) -> dict[str, float]:
+    """Seconds per image: `steps` steps' attention, norms and beam choice (not their products).
+
+    Cross-attention: each image's 3 beam rows against its own 577 keys and values, every layer
+    its own (B, 12, 577, 64) pair (170 MB for 8 images: read from memory at every step, as in
+    the model). Self-attention: each row against the cache at its mean length over the steps.
+    """
+    from captioner import cpu_attention
+
+    nn = torch.nn
+    d = DEC_WIDTH // DEC_HEADS
+
+    def attend_all(kind: str, q: Any, kvs: list[tuple[Any, Any]]) -> None:
+        for k, v in kvs:
+            if kind == BARE:
+                torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)), -1), v)
+            else:
+                cpu_attention.attend(kind, q, k, v)
+
+    def fastest(q: Any, kvs: list[tuple[Any, Any]]) -> tuple[str, float]:
+        times = {
+            kind: best_of(functools.partial(attend_all, kind, q, kvs), repeats)
+            for kind in (*cpu_attention.KINDS, BARE)
+        }
+        kind = min(times, key=times.__getitem__)
+        return kind, times[kind]
+
+    def pairs(rows: int, length: int) -> list[tuple[Any, Any]]:
+        shape = (rows, DEC_HEADS, length, d)
+        return [
+            (torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)) for _ in range(DEC_LAYERS)
+        ]
+
+    rows = batch * BEAMS
+    cross_kind, cross_s = fastest(
+        torch.randn(batch, DEC_HEADS, BEAMS, d).to(dtype), pairs(batch, TOKENS)
+    )
+    mean_cache = PROMPT + (steps + 1) // 2
+    self_kind, self_s = fastest(
+        torch.randn(rows, DEC_HEADS, 1, d).to(dtype), pairs(rows, mean_cache)
+    )
+    x = torch.randn(rows, DEC_WIDTH).to(dtype)
+    norm = nn.LayerNorm(DEC_WIDTH).to(dtype)
+    norms_s = (3 * DEC_LAYERS + 2) * best_of(lambda: norm(x), repeats)  # + embeddings, LM head
+    logits = torch.randn(rows, VOCAB).to(dtype)
+
+    def choose() -> Any:
+        scores = torch.log_softmax(logits.float(), dim=-1).view(batch, BEAMS * VOCAB)
+        return torch.topk(scores, 2 * BEAMS, dim=1)
+
+    choice_s = best_of(choose, repeats)
+    return {
+        f"decoder {steps} steps' cross-attention ({cross_kind})": cross_s * steps / batch,
+        f"decoder {steps} steps' self-attention ({self_kind})": self_s * steps / batch,
+        f"decoder {steps} steps' layer norms": norms_s * steps / batch,
+        f"decoder {steps} steps' beam choice (log-softmax, top-k)": choice_s * steps / batch,
     }
 
 
@@ -276,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         ops = encoder_ops(torch, dtype, args.batch, args.repeats)
         ops |= decoder_ops(torch, dtype, args.batch, args.steps, args.repeats)
+        ops |= decoder_step_ops(torch, dtype, args.batch, args.steps, args.repeats)
     floor = sum(t for name, t in ops.items() if not name.startswith("("))
     print(f"\n{'op (all blocks / steps)':50} {'s/image':>8}")
     for name, seconds in ops.items():
