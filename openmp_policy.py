@@ -49,15 +49,14 @@ def openmp_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-def apply_openmp_policy(settings: Settings) -> bool:
-    """Set OMP_WAIT_POLICY (and GOMP_SPINCOUNT) for libgomp; True when it will take effect
-    (torch not loaded yet).
+def apply_openmp_policy(settings: Settings) -> None:
+    """Set OMP_WAIT_POLICY (and GOMP_SPINCOUNT) for libgomp, which reads them once, when torch
+    loads it; once torch is loaded this only logs that the choice comes too late.
 
     The only place the service writes to its environment: the variables are libgomp's
     interface, read by the library itself when it loads."""
     env = openmp_environment(settings)
     if "torch" in sys.modules:
         log.debug("torch already loaded; %s cannot take effect now", env)
-        return all(os.environ.get(k, "").upper() == v for k, v in env.items())
+        return
     os.environ.update(env)
-    return True
