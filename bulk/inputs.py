@@ -37,6 +37,9 @@ NO_FILE = "No file selected"
 _ZIP_TYPES = frozenset({"application/zip", "application/x-zip-compressed"})
 
 
+ZIP_ALONE = "a zip archive must be the only input of a request"
+
+
 @dataclass(frozen=True)
 class Upload:
     """One uploaded file: the client's name for it and a stream of its bytes."""
@@ -65,7 +68,7 @@ class BulkRequest:
         direct = len(self.uploads) + len(self.urls) + len(self.files)
         archives = (self.archive is not None) + (self.archive_url is not None)
         if archives > 1 or (archives and direct):
-            raise InvalidRequest("a zip archive must be the only input of a request")
+            raise InvalidRequest(ZIP_ALONE)
         if not archives and not direct:
             raise InvalidRequest(
                 "no images: send multipart `file` parts, a JSON body with `urls` and/or "
@@ -249,6 +252,8 @@ def _archive_entries(
         name, source = request.archive_url, fetch_archive(request.archive_url)
     try:
         with SafeZip(source, limits.archive_limits()) as archive:
+            if not len(archive):
+                raise InvalidRequest("zip archive refused: it has no files")
             if len(archive) > limits.max_items:
                 raise LimitExceeded(
                     f"too many images: the archive has {len(archive)} files, at most "

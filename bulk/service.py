@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import re
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -309,7 +310,7 @@ class BulkService:
         except JobStoreError as exc:
             raise _translated(exc) from None
         if view is None:
-            raise NotFound(f"No job {job_id!r} (it may have expired)")
+            raise _no_job(job_id)
         return view
 
     def results(self, job_id: str, offset: int, limit: int) -> list[ItemResult]:
@@ -319,7 +320,7 @@ class BulkService:
         except JobStoreError as exc:
             raise _translated(exc) from None
         if page is None:
-            raise NotFound(f"No job {job_id!r} (it may have expired)")
+            raise _no_job(job_id)
         return page
 
     def iter_results(self, job_id: str) -> Iterator[ItemResult]:
@@ -335,10 +336,19 @@ class BulkService:
         except JobStoreError as exc:
             raise _translated(exc) from None
         if view is None:
-            raise NotFound(f"No job {job_id!r} (it may have expired)")
+            raise _no_job(job_id)
         return view
 
     def callback_state(self, view: JobView) -> Mapping[str, Any] | None:
         if view.callback_url is None:
             return None
         return {"url": view.callback_url, "state": view.callback_state}
+
+
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what `secrets.token_urlsafe` makes
+
+
+def _no_job(job_id: str) -> NotFound:
+    """The 404 of an unknown job; an id no store could have made is not echoed back."""
+    shown = f"'{job_id}'" if _JOB_ID.fullmatch(job_id) else "with that id"
+    return NotFound(f"No job {shown} (it may have expired)")

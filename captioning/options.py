@@ -39,7 +39,7 @@ class OptionSpec:
         if self.kind is bool:
             return f"{self.name} must be true or false"
         if self.kind is str:
-            return f"{self.name} must be at most {self.max_chars} characters"
+            return f"{self.name} must be text of at most {self.max_chars} characters"
         if self.name == "min_length" and max_length is not None:
             return f"min_length must be an integer from 0 to max_length ({max_length})"
         if self.kind is int:

@@ -43,6 +43,8 @@ def init_app(app: Flask, runtime: Runtime) -> None:
     request_log.register(app)  # first: binds the request id before, logs after every hook
     metrics.register(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_file_size
+    # "/v3//analyze" is a 404 in the envelope, not an HTML redirect built from the Host header.
+    app.url_map.merge_slashes = False
     app.json.sort_keys = True  # type: ignore[attr-defined]
     app.json.ensure_ascii = True  # type: ignore[attr-defined]
     app.before_request(start_clock)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Request, Response, g, jsonify, request
 
-from bulk.inputs import BulkLimits, BulkRequest, Upload, batch_items
+from bulk.inputs import ZIP_ALONE, BulkLimits, BulkRequest, Upload, batch_items
 from captioning.errors import (
     ImageInputError,
     InvalidOption,
@@ -26,6 +26,7 @@ from captioning.errors import (
     TooLarge,
 )
 from captioning.options import OPTIONS, TAGS, GenerationOptions, OptionSpec, tags_requested
+from http_api.body_limits import FORM_OVERHEAD, request_too_large
 from http_api.context import current_runtime
 from http_api.envelope import FRAMEWORK, SERVICE, elapsed, started_at, with_shine
 
@@ -36,7 +37,6 @@ bp = Blueprint("batch", __name__)
 
 JSON_TYPES = frozenset({"application/json"})
 ZIP_TYPES = frozenset({"application/zip", "application/x-zip-compressed"})
-FORM_OVERHEAD = 1 << 20  # multipart boundaries and headers on top of the images' bytes
 _SPOOL_IN_MEMORY = 1 << 20
 
 
@@ -54,7 +54,7 @@ def limit_body(req: Request, limits: BulkLimits, what: str) -> None:
     """Bound the body (and the form's parts) for a bulk route, with a clear 413."""
     cap = limits.max_bytes + FORM_OVERHEAD
     if req.content_length is not None and req.content_length > cap:
-        raise LimitExceeded(f"the request is larger than {limits.max_bytes} bytes ({what})")
+        raise request_too_large(limits.max_bytes, what)
     req.max_content_length = cap
     req.max_form_parts = limits.max_items + 64
 
@@ -74,7 +74,9 @@ def parse_bulk(req: Request, *, allow_callback: bool) -> ParsedBulk:
             Upload(part.filename or "", part.stream, part.mimetype or "")
             for part in req.files.getlist("file")
         ]
-        if len(uploads) == 1 and uploads[0].is_zip:
+        if any(upload.is_zip for upload in uploads):
+            if len(uploads) > 1:
+                raise InvalidRequest(ZIP_ALONE)
             inputs.archive = uploads[0]
         else:
             inputs.uploads = uploads
@@ -99,7 +101,10 @@ def parse_bulk(req: Request, *, allow_callback: bool) -> ParsedBulk:
 
 
 def _json_body(req: Request) -> dict[str, Any]:
-    body = req.get_json(silent=True)
+    try:
+        body = req.get_json(silent=True)
+    except RecursionError:  # nested deeper than the JSON decoder goes: not an options object
+        body = None
     if not isinstance(body, dict):
         raise InvalidRequest("the JSON body must be an object")
     for spec in (*OPTIONS, TAGS):

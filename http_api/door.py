@@ -1,5 +1,5 @@
-"""The door: an analyze request that cannot be queued is refused on its request line and
-headers, before waitress reads its body.
+"""The door: a request whose body is over its route's limit, and an analyze request that
+cannot be queued, are refused on the request line and headers, before waitress reads the body.
 
 Why: waitress reads a whole request body on its one socket thread (into a temporary file above
 512 KiB) before any WSGI code runs, so a view, even a `before_request` that refuses at once,
@@ -33,7 +33,13 @@ and when the view is done (its teardown). The door only ever reserves through `B
 so queued jobs plus places never exceed MAX_QUEUE. Races are the queue's own: whoever reserves
 first under the batcher's lock gets the place. The analyze-slot bound (THREADS - 4 requests in the
 views) is not decided here: a thread is only taken once the body is in.
-/health and every other route are untouched (not even looked at beyond the path).
+
+Body limits (http_api/body_limits.py) are checked first, on every route and whether or not the
+door sheds (`SHED_AT_DOOR`): a Content-Length over the route's limit gets the view's own 413 at
+once, and a chunked body is refused the moment it grows past it (its queue place, if it took
+one, given back). Beyond that, /health and every other route are untouched (not even looked at
+beyond the path and the size). waitress's own answers (unparsable requests) come in the
+envelope too (http_api/wire_errors.py).
 """
 
 from __future__ import annotations
@@ -58,10 +64,12 @@ from werkzeug.datastructures import MultiDict
 
 from captioning.errors import NotReady, Overloaded, ServiceError, http_mapping
 from captioning.options import GenerationOptions
+from http_api.body_limits import BodyLimits
 from http_api.context import runtime_of
 from http_api.cors import EXPOSE_HEADERS, allow_origin, allowed_origins
 from http_api.envelope import SERVICE, error_body
 from http_api.request_log import ACCESS_LOGGER, HEADER, accept_request_id
+from http_api.wire_errors import EnvelopeErrorTask
 from log_format import bind_request_id, unbind_request_id
 
 if TYPE_CHECKING:
@@ -115,11 +123,14 @@ class Door:
 
     def __init__(self, runtime: Runtime, settings: Settings) -> None:
         self.runtime = runtime
+        self.shed = settings.shed_at_door
+        self.limits = BodyLimits.from_settings(settings)
         self.hold_s = settings.door_hold
         self.allowed = allowed_origins(settings.cors_origins)
         self._lock = threading.Lock()
         self._held: dict[int, Ticket] = {}  # id → tickets the door still owns
-        self.refused = 0
+        self.refused = 0  # for the queue (503)
+        self.too_large = 0  # for the body's size (413)
 
     @property
     def holding(self) -> int:
@@ -137,7 +148,10 @@ class Door:
     def check(self, parser: HTTPRequestParser) -> Ticket | bytes | None:
         """On complete headers: a Ticket (admitted with a place), the bytes of a refusal, or
         None (not an analyze request, or one the view must judge: e.g. invalid options)."""
-        if parser.command not in METHODS or parser.path not in ANALYZE_PATHS:
+        too_large = self.check_size(parser, parser.content_length)
+        if too_large is not None:
+            return too_large
+        if not self.shed or parser.command not in METHODS or parser.path not in ANALYZE_PATHS:
             return None
         try:
             _, batcher = self.runtime.model.ready()
@@ -161,6 +175,14 @@ class Door:
         with self._lock:
             self._held[id(ticket)] = ticket
         return ticket
+
+    def check_size(self, parser: HTTPRequestParser, length: int) -> bytes | None:
+        """The bytes of a 413 when `length` bytes of body are more than the route takes."""
+        exc = self.limits.refusal(parser.command, parser.path, length)
+        if exc is None:
+            return None
+        self.too_large += 1
+        return self._refusal(parser, exc)
 
     def _lend_stale(self) -> bool:
         """Give back the places of requests whose bodies are over `hold_s` late; any?"""
@@ -242,16 +264,21 @@ class DoorParser(HTTPRequestParser):
         in_headers = not self.headers_finished
         consumed = int(super().received(data))
         channel = self._channel
-        if not (in_headers and self.headers_finished and channel is not None):
+        if channel is None or not self.headers_finished or self.error is not None or self.empty:
             return consumed
-        if self.error is not None or self.empty:
+        if in_headers:
+            verdict = channel.at_door(self)
+        elif self.chunked and self.body_rcv is not None:  # its size is only known as it comes
+            verdict = channel.at_door(self, body_size=len(self.body_rcv))
+        else:
             return consumed
-        verdict = channel.at_door(self)
         if isinstance(verdict, Ticket):
             self.ticket = verdict
         elif isinstance(verdict, bytes):
             # Refused and answered: the channel drops an empty request, sends no 100 Continue,
             # and this parser swallows what it was given of the body.
+            if self.ticket is not None:
+                self.ticket.drop()  # refused mid-body: its place goes back
             self.completed = True
             self.empty = True
             self.expect_continue = False
@@ -291,6 +318,7 @@ class DoorChannel(HTTPChannel):
 
     door: Door
     task_class = DoorTask
+    error_task_class = EnvelopeErrorTask
     _lingering_until = 0.0  # set by a refusal: from then on the connection only winds down
     _half_closed = False
 
@@ -298,13 +326,17 @@ class DoorChannel(HTTPChannel):
         self.parser_class = functools.partial(DoorParser, channel=self)  # type: ignore[assignment]
         super().__init__(server, sock, addr, adj, map=map)
 
-    def at_door(self, parser: DoorParser) -> Ticket | bytes | None:
-        """Called by the parser (socket thread, under `requests_lock`). Only a request with
-        nothing ahead of it on this connection is judged here, so answers stay in order."""
+    def at_door(self, parser: DoorParser, body_size: int | None = None) -> Ticket | bytes | None:
+        """Called by the parser (socket thread, under `requests_lock`) on complete headers, or
+        with `body_size` as a chunked body grows. Only a request with nothing ahead of it on
+        this connection is judged here, so answers stay in order."""
         if self.requests or self._lingering_until:
             return None
         try:
-            verdict = self.door.check(parser)
+            if body_size is None:
+                verdict = self.door.check(parser)
+            else:
+                verdict = self.door.check_size(parser, body_size)
         except Exception:  # the view will judge it; never break the socket thread
             log.exception("door check failed")
             return None
@@ -360,10 +392,9 @@ class DoorChannel(HTTPChannel):
         super().handle_close()
 
 
-def install(server: Any, app: Flask, settings: Settings) -> Door | None:
-    """Put the door on a waitress server (`create_server`'s result), unless SHED_AT_DOOR=false."""
-    if not settings.shed_at_door:
-        return None
+def install(server: Any, app: Flask, settings: Settings) -> Door:
+    """Put the door on a waitress server (`create_server`'s result); with SHED_AT_DOOR=false
+    it only checks body sizes."""
     door = Door(runtime_of(app), settings)
     server.channel_class = type("BoundDoorChannel", (DoorChannel,), {"door": door})
     return door

@@ -79,7 +79,8 @@ def job_status(job_id: str) -> Response:
     offset = _int_arg("offset", 0, 0, None)
     limit = _int_arg("limit", DEFAULT_PAGE, 0, MAX_PAGE)
     view = bulk.job(job_id)
-    page = bulk.results(job_id, offset, limit) if limit else []
+    # Past the last item the page is empty (and the store never sees an offset out of range).
+    page = bulk.results(job_id, min(offset, view.counts.total), limit) if limit else []
     following = offset + len(page)
     return _envelope(
         {

@@ -40,8 +40,8 @@ def waitress_options(settings: Settings) -> dict[str, Any]:
     return {
         "threads": threads,
         "ident": SERVICE,
-        # Flask answers 413 with the envelope first; this only stops abusive bodies early
-        # (above the largest body any route takes: an image, a batch, a job's uploads).
+        # The door answers each route's own 413 on the headers (http_api/body_limits.py);
+        # this is waitress's backstop, above the largest body any route takes.
         "max_request_body_size": max(
             settings.max_file_size * 2, settings.max_batch_bytes, settings.max_job_bytes
         )
@@ -60,7 +60,7 @@ class HttpServer:
         self._server: Any = create_server(
             app, host=settings.bind_host, port=settings.port, **waitress_options(settings)
         )
-        self.door = door.install(self._server, app, settings)  # 503 on the headers
+        self.door = door.install(self._server, app, settings)  # 413/503 on the headers
         self._drain_requested_at: float | None = None
         self._stop_now = False
 

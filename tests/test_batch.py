@@ -248,10 +248,19 @@ def test_bounds_and_bad_requests(serve_app, settings) -> None:
         ({}, "no images"),
         ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, "JSON body"),
         ({"json": ["a"]}, "JSON body must be an object"),
+        (  # deeper than the JSON decoder's recursion: a 400, not a 500
+            {
+                "data": b"[" * 100_000 + b"]" * 100_000,
+                "headers": {"Content-Type": "application/json"},
+            },
+            "JSON body must be an object",
+        ),
+        ({"files": {"file": ("e.zip", make_zip([]), "application/zip")}}, "it has no files"),
         ({"json": {"urls": "http://x/a.png"}}, "`urls` must be a list"),
         ({"json": {"files": [1, 2]}}, "`files` must be a list"),
         ({"json": {"urls": ["http://x/a.png"], "num_beams": "3"}}, "num_beams must be"),
         ({"json": {"urls": ["http://x/a.png"], "tags": "yes"}}, "tags must be true or false"),
+        ({"json": {"urls": ["http://x/a.png"], "prompt": {"a": 1}}}, "prompt must be text of"),
         ({"json": {"urls": ["http://x/a.png"]}, "params": {"num_beams": "99"}}, "num_beams"),
         ({"data": b"text", "headers": {"Content-Type": "text/plain"}}, "send multipart"),
     ]
@@ -267,4 +276,14 @@ def test_bounds_and_bad_requests(serve_app, settings) -> None:
     )
     assert mixed.status_code == 400
     assert error_message(mixed) == "a zip archive must be the only input of a request"
+    beside = requests.post(  # a zip among other uploads is refused, not one "bad" item
+        server.url + "/v3/batch",
+        files=[
+            ("file", ("a.zip", make_zip([("a.png", one)]), "application/zip")),
+            ("file", ("b.png", one, "image/png")),
+        ],
+        timeout=TIMEOUT,
+    )
+    assert beside.status_code == 400
+    assert error_message(beside) == "a zip archive must be the only input of a request"
     assert requests.get(server.url + "/v3/batch", timeout=TIMEOUT).status_code == 405

@@ -179,7 +179,7 @@ def test_the_door_answers_as_the_view_does(serve) -> None:
     answers = []
     for at_door in (True, False):
         served = serve(max_queue=1, shed_at_door=at_door)
-        assert (served.server.door is not None) is at_door
+        assert served.server.door.shed is at_door
         held = served.runtime.pipeline.admit(GenerationOptions())
         try:
             for method in ("post", "get"):
@@ -339,3 +339,83 @@ def test_invalid_options_are_left_to_the_view_and_loading_is_refused_at_the_door
     assert (status, headers["retry-after"]) == (503, "1")
     assert json.loads(body)["status"] == "loading"
     sock.close()
+
+
+# ----------------------------------------------------------------------------- body limits
+
+
+@pytest.mark.parametrize("at_door", [True, False])
+def test_a_body_over_its_routes_limit_is_413_on_its_headers(serve, at_door: bool) -> None:
+    """Nothing of the body is read: waitress would otherwise spool it whole (up to its 1 GiB
+    backstop) before Flask's 413. Checked with and without shedding at the door."""
+    served = serve(max_file_size=100_000, max_batch_bytes=200_000, shed_at_door=at_door)
+    for path, length, message in (
+        ("/analyze", 100_001, "Image too large: limit is 100000 bytes"),
+        ("/v3/analyze", 300_000_000, "Image too large: limit is 100000 bytes"),
+        ("/health", 100_001, "Image too large: limit is 100000 bytes"),
+        ("/v3/batch", 200_000 + (1 << 20) + 1, "the request is larger than 200000 bytes "
+         "(MAX_BATCH_BYTES)"),
+    ):  # fmt: skip
+        sock = connect(served)
+        sock.sendall(head(path=path, length=length))
+        status, headers, body = read_response(sock)
+        assert status == 413, (path, body)
+        assert headers["connection"] == "close"
+        assert json.loads(body)["error"]["message"] == message
+        assert closed_by_server(sock)
+        sock.close()
+    assert served.server.door.too_large == 4 and served.server.door.refused == 0
+    assert served.batcher.reserved == 0
+    batch = connect(served)  # within the batch limit, over the image one: the body may come
+    batch.sendall(head(path="/v3/batch", length=150_000, content_type="application/zip"))
+    assert not answered_within(batch, 0.3)
+    batch.close()
+    assert requests.get(served.url + "/health", timeout=2).status_code == 200
+
+
+def test_a_chunked_body_is_refused_as_it_grows_past_the_limit(serve) -> None:
+    served = serve(max_file_size=100_000)
+    sock = connect(served)
+    sock.sendall(
+        b"POST /analyze HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    assert wait_for(lambda: served.server.door.holding == 1)  # admitted with a queue place
+    chunk = b"%x\r\n" % 8192 + b"\0" * 8192 + b"\r\n"
+    sent = 0
+    while sent < 100_000 and not answered_within(sock, 0):
+        sock.sendall(chunk)
+        sent += 8192
+    sock.sendall(chunk)  # past the limit: answered without the rest (nor its last chunk)
+    status, _, body = read_response(sock)
+    assert status == 413
+    assert json.loads(body)["error"]["message"] == "Image too large: limit is 100000 bytes"
+    assert served.server.door.too_large == 1
+    assert wait_for(lambda: served.batcher.reserved == 0 and served.server.door.holding == 0)
+    sock.close()
+    assert post_png(served, two_red_circles()).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status", "fragment"),
+    [
+        (head(length=-5), 400, "Bad Request"),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 300_000 + b"\r\n\r\n", 431, ""),
+        (b"POST /analyze HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000000\r\n\r\n", 413, ""),
+        (head(extra="Transfer-Encoding: gzip\r\n"), 501, "Not Implemented"),
+    ],
+)
+def test_what_waitress_answers_itself_is_the_envelope(
+    serve, request_head: bytes, status: int, fragment: str
+) -> None:
+    served = serve()
+    sock = connect(served)
+    sock.sendall(request_head)
+    got, headers, body = read_response(sock)
+    sock.close()
+    assert got == status, body
+    assert headers["content-type"] == "application/json"
+    answer = json.loads(body)
+    assert answer["status"] == "error" and answer["predictions"] == []
+    assert fragment in answer["error"]["message"]
+    assert "Traceback" not in answer["error"]["message"]

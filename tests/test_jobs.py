@@ -93,6 +93,9 @@ def test_job_lifecycle_results_match_analyze(serve_app, settings) -> None:
     last = status(server.url, job_id, offset=10, limit=5)
     assert last["results"] == streamed[10:] and last["page"]["next_offset"] is None
     assert status(server.url, job_id, limit=0)["results"] == []
+    for past_the_end in (13, 9223372036854775807, 10**30):  # empty, never a store error
+        page = status(server.url, job_id, offset=past_the_end, limit=5)
+        assert page["results"] == [] and page["page"]["next_offset"] is None
     for bad in ({"offset": "-1"}, {"limit": "1001"}, {"limit": "x"}):
         resp = requests.get(f"{server.url}/v3/jobs/{job_id}", params=bad, timeout=TIMEOUT)
         assert resp.status_code == 400, bad
@@ -101,6 +104,9 @@ def test_job_lifecycle_results_match_analyze(serve_app, settings) -> None:
         assert missing.status_code == 404
         assert missing.json()["error"]["message"] == "No job 'nosuchjob' (it may have expired)"
     assert requests.get(f"{server.url}/v3/jobs/nosuchjob/results", timeout=5).status_code == 404
+    odd = requests.get(f"{server.url}/v3/jobs/%27%20OR%201%3D1--", timeout=TIMEOUT)
+    assert odd.status_code == 404  # an id no store makes is not echoed back
+    assert odd.json()["error"]["message"] == "No job with that id (it may have expired)"
     # Cancelling an ended job changes nothing.
     after = requests.delete(f"{server.url}/v3/jobs/{job_id}", timeout=TIMEOUT)
     assert after.status_code == 200 and after.json()["job"]["state"] == "done"

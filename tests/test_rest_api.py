@@ -341,6 +341,9 @@ def test_unknown_route_and_wrong_method_are_json(server) -> None:
     assert_error(resp, 405)
     assert "GET" in resp.headers.get("Allow", "")
     assert_error(requests.post(server.url + "/health", timeout=10), 405)
+    for doubled in ("/v3//analyze", "/v3/jobs/x//results"):  # a 404, not an HTML redirect
+        resp = requests.get(server.url + doubled, allow_redirects=False, timeout=10)
+        assert_error(resp, 404)
 
 
 def test_body_over_max_file_size_is_413(serve_app, base_settings) -> None:
@@ -351,6 +354,23 @@ def test_body_over_max_file_size_is_413(serve_app, base_settings) -> None:
         server.url + "/analyze", data=big, headers={"Content-Type": "image/png"}, timeout=10
     )
     assert_error(resp, 413, startswith="Image too large")
+    chunked = requests.post(  # no Content-Length: refused as it is read
+        server.url + "/analyze",
+        data=(big[i : i + 4096] for i in range(0, len(big), 4096)),
+        headers={"Content-Type": "image/png"},
+        timeout=10,
+    )
+    assert_error(chunked, 413, startswith="Image too large")
+
+
+def test_a_form_over_its_part_limits_is_413_that_says_so(server) -> None:
+    small = two_red_circles()
+    fields = [(f"x{i}", (None, "v")) for i in range(1_000)]  # over the form's part limit
+    resp = requests.post(
+        server.url + "/analyze", files=[*fields, ("file", ("a.png", small))], timeout=10
+    )
+    assert_error(resp, 413, message="Form too large: at most 1000 parts, and 500000 bytes in a "
+                 "field that is not a file")  # fmt: skip
 
 
 def test_cors(server) -> None:
