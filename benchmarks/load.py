@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,7 +153,8 @@ def drive_existing(args: argparse.Namespace, images: list[bytes]) -> int:
     base = loopback_url(args.url)
     device = report_device("target", base, args.device)
     drive("warm-up", base, images[:2], 2, 0.1, 600.0)
-    run = drive("target", base, images, args.clients, args.duration, 600.0)
+    send = post_raw if args.raw else post
+    run = drive("target", base, images, args.clients, args.duration, 600.0, send)
     print(f"{'server':<10}{'ok':>6}{'req/s':>10}{'p50 s':>10}{'p95 s':>10}  errors")
     print(
         f"{run.name:<10}{run.ok:>6}{run.throughput:>10.3f}{run.pct(0.5):>10.3f}"
@@ -171,13 +173,29 @@ def drive_existing(args: argparse.Namespace, images: list[bytes]) -> int:
     return 0
 
 
+Send = Callable[[str, bytes, float], requests.Response]
+
+
 def post(base: str, data: bytes, timeout: float) -> requests.Response:
     files = {"file": ("image.jpg", data, "image/jpeg")}
     return requests.post(base + "/analyze", files=files, timeout=timeout)
 
 
+def post_raw(base: str, data: bytes, timeout: float) -> requests.Response:
+    """The image as the whole body (CONTRACT.md's raw body; --raw)."""
+    return requests.post(
+        base + "/analyze", data=data, headers={"Content-Type": "image/png"}, timeout=timeout
+    )
+
+
 def drive(
-    name: str, base: str, images: list[bytes], clients: int, duration: float, timeout: float
+    name: str,
+    base: str,
+    images: list[bytes],
+    clients: int,
+    duration: float,
+    timeout: float,
+    send: Send = post,
 ) -> Run:
     """Closed loop: each client posts, waits, posts again, until `duration` has passed."""
     run = Run(name)
@@ -191,7 +209,7 @@ def drive(
                 data = images[next(counter) % len(images)]
             started = time.monotonic()
             try:
-                resp = post(base, data, timeout)
+                resp = send(base, data, timeout)
                 kind = "ok" if resp.status_code == 200 else f"http {resp.status_code}"
             except requests.RequestException as exc:
                 kind = type(exc).__name__
@@ -240,8 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--neighbour", action="store_true", help="one busy process beside")
     parser.add_argument("--skip-cache", action="store_true", help="no cache-hit phase")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="post each image as a raw body, not multipart (ours only: with --url or "
+        "--skip-baseline, as the reference-style server takes multipart only)",
+    )
     parser.add_argument("--large-dir", type=Path, help="keep the random large_coco here (reused)")
     args = parser.parse_args(argv)
+    if args.raw and not (args.url or args.skip_baseline):
+        parser.error("--raw needs --url or --skip-baseline (the reference server takes multipart)")
     info = machine()
     print(describe(info), flush=True)
     with busy_neighbour(args.neighbour):
@@ -269,6 +295,7 @@ def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
     results: dict[str, Run] = {}
     histograms: dict[str, dict[str, int]] = {}
     ours_port = free_port()
+    send = post_raw if args.raw else post
     ours_env = {
         **variant_env(env, {}),
         "PORT": str(ours_port),
@@ -293,7 +320,9 @@ def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
             ours_device = report_device(name, ours_base, args.device)
             drive("warm-up", ours_base, images[:2], 2, 0.1, timeout)
             warm = batch_histogram(ours_base)
-            results[name] = drive(name, ours_base, images, args.clients, args.duration, timeout)
+            results[name] = drive(
+                name, ours_base, images, args.clients, args.duration, timeout, send
+            )
             after = batch_histogram(ours_base)
             histograms[name] = {
                 k: n - warm.get(k, 0) for k, n in after.items() if n - warm.get(k, 0)
@@ -308,7 +337,7 @@ def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
         try:
             wait_ready(ours_base, proc, workdir / "ours-cache.log")
             post(ours_base, images[0], timeout)  # fills the cache
-            hits = drive("cache-hit", ours_base, images[:1], 1, 5.0, timeout)
+            hits = drive("cache-hit", ours_base, images[:1], 1, 5.0, timeout, send)
         finally:
             stop(proc)
 
