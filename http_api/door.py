@@ -37,9 +37,10 @@ views) is not decided here: a thread is only taken once the body is in.
 Body limits (http_api/body_limits.py) are checked first, on every route and whether or not the
 door sheds (`SHED_AT_DOOR`): a Content-Length over the route's limit gets the view's own 413 at
 once, and a chunked body is refused the moment it grows past it (its queue place, if it took
-one, given back). Beyond that, /health and every other route are untouched (not even looked at
-beyond the path and the size). waitress's own answers (unparsable requests) come in the
-envelope too (http_api/wire_errors.py).
+one, given back); a request behind others on its connection (pipelined) gets its 413 in
+turn, as waitress's own errors are answered. Beyond that, /health and every other route are
+untouched (not even looked at beyond the path and the size). waitress's own answers
+(unparsable requests) come in the envelope too (http_api/wire_errors.py).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -66,10 +67,11 @@ from captioning.errors import NotReady, Overloaded, ServiceError, http_mapping
 from captioning.options import GenerationOptions
 from http_api.body_limits import BodyLimits
 from http_api.context import runtime_of
-from http_api.cors import EXPOSE_HEADERS, allow_origin, allowed_origins
+from http_api.cors import allowed_origins
 from http_api.envelope import SERVICE, error_body
-from http_api.request_log import ACCESS_LOGGER, HEADER, accept_request_id
-from http_api.wire_errors import EnvelopeErrorTask
+from http_api.metrics import route_label
+from http_api.request_log import ACCESS_LOGGER, HEADER
+from http_api.wire_errors import EnvelopeErrorTask, InOrderTooLarge, edge_headers
 from log_format import bind_request_id, unbind_request_id
 
 if TYPE_CHECKING:
@@ -121,8 +123,11 @@ def adopt(environ: Mapping[str, Any]) -> Reservation | None:
 class Door:
     """The admission decision on headers, shared by every connection of one server."""
 
-    def __init__(self, runtime: Runtime, settings: Settings) -> None:
+    def __init__(
+        self, runtime: Runtime, settings: Settings, route_of: Callable[[str, str], str]
+    ) -> None:
         self.runtime = runtime
+        self.route_of = route_of  # (method, path) → the route template, for /metrics
         self.shed = settings.shed_at_door
         self.limits = BodyLimits.from_settings(settings)
         self.hold_s = settings.door_hold
@@ -206,31 +211,27 @@ class Door:
             error_body(exc.message, state=state), sort_keys=True, separators=(",", ":")
         ).encode("ascii")
         body += b"\n"  # Flask's jsonify ends the body with a newline
-        request_id = accept_request_id(parser.headers.get("X_REQUEST_ID"))
         headers = {
             "Content-Type": "application/json",
             "Content-Length": str(len(body)),
             **extra,
-            HEADER: request_id,
-            "Vary": "Origin",
-            "Access-Control-Expose-Headers": EXPOSE_HEADERS,
+            **edge_headers(self.allowed, parser.headers),
             "Connection": "close",
             "Date": email.utils.formatdate(usegmt=True),
             "Server": SERVICE,
         }
-        allow = allow_origin(self.allowed, parser.headers.get("ORIGIN"))
-        if allow is not None:
-            headers["Access-Control-Allow-Origin"] = allow
         head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n" + "".join(
             f"{name}: {value}\r\n" for name, value in headers.items()
         )
-        self._observe(parser, status, len(body), request_id)
+        self.observe(parser, status, len(body), headers[HEADER])
         return head.encode("latin-1") + b"\r\n" + body
 
-    def _observe(self, parser: HTTPRequestParser, status: int, size: int, rid: str) -> None:
-        """The access line and the request counter, as for a request Flask answered."""
-        method = parser.command
-        self.runtime.metrics.observe_request(parser.path, method, status, 0.0)
+    def observe(self, parser: HTTPRequestParser, status: int, size: int, rid: str) -> None:
+        """The access line and the request counter of an answer written on the socket thread
+        (the door's, waitress's own), as for a request Flask answered."""
+        method = parser.command or "-"
+        route = self.route_of(method, parser.path)  # never the raw path: bounded labels
+        self.runtime.metrics.observe_request(route, method, status, 0.0)
         if not access_log.isEnabledFor(logging.INFO):
             return
         fields = {
@@ -274,6 +275,11 @@ class DoorParser(HTTPRequestParser):
             return consumed
         if isinstance(verdict, Ticket):
             self.ticket = verdict
+        elif isinstance(verdict, InOrderTooLarge):  # answered in turn, by the error task
+            self.error = verdict
+            self.completed = True
+            self.expect_continue = False
+            return len(data)
         elif isinstance(verdict, bytes):
             # Refused and answered: the channel drops an empty request, sends no 100 Continue,
             # and this parser swallows what it was given of the body.
@@ -326,12 +332,22 @@ class DoorChannel(HTTPChannel):
         self.parser_class = functools.partial(DoorParser, channel=self)  # type: ignore[assignment]
         super().__init__(server, sock, addr, adj, map=map)
 
-    def at_door(self, parser: DoorParser, body_size: int | None = None) -> Ticket | bytes | None:
+    def at_door(
+        self, parser: DoorParser, body_size: int | None = None
+    ) -> Ticket | bytes | InOrderTooLarge | None:
         """Called by the parser (socket thread, under `requests_lock`) on complete headers, or
         with `body_size` as a chunked body grows. Only a request with nothing ahead of it on
-        this connection is judged here, so answers stay in order."""
-        if self.requests or self._lingering_until:
+        this connection is answered here; behind others (pipelined) only its size is judged,
+        and its 413 waits its turn (answers stay in order)."""
+        if self._lingering_until:
             return None
+        if self.requests:
+            size = parser.content_length if body_size is None else body_size
+            exc = self.door.limits.refusal(parser.command, parser.path, size)
+            if exc is None:
+                return None
+            self.door.too_large += 1
+            return InOrderTooLarge(exc.message)
         try:
             if body_size is None:
                 verdict = self.door.check(parser)
@@ -395,6 +411,6 @@ class DoorChannel(HTTPChannel):
 def install(server: Any, app: Flask, settings: Settings) -> Door:
     """Put the door on a waitress server (`create_server`'s result); with SHED_AT_DOOR=false
     it only checks body sizes."""
-    door = Door(runtime_of(app), settings)
+    door = Door(runtime_of(app), settings, functools.partial(route_label, app.url_map))
     server.channel_class = type("BoundDoorChannel", (DoorChannel,), {"door": door})
     return door

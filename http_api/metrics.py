@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING
 
 from flask import Blueprint, Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map
+from werkzeug.routing.exceptions import RoutingException
 
 from captioning.metrics import UNMATCHED_ROUTE
 from http_api.context import current_runtime
@@ -53,6 +56,18 @@ def openapi_part(settings: Settings) -> ApiPart:
         },
     }
     return ApiPart(paths={"/metrics": {"get": op}})
+
+
+def route_label(url_map: Map, method: str | None, path: str | None) -> str:
+    """The route template a request line names, as Flask would label it; `unmatched` for
+    anything else (for requests answered before Flask: the door's, waitress's own)."""
+    if not path or not method:
+        return UNMATCHED_ROUTE
+    try:
+        rule, _ = url_map.bind("localhost").match(path, method, return_rule=True)
+    except (HTTPException, RoutingException, ValueError):
+        return UNMATCHED_ROUTE
+    return str(rule.rule)
 
 
 def register(app: Flask) -> None:

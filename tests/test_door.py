@@ -396,6 +396,21 @@ def test_a_chunked_body_is_refused_as_it_grows_past_the_limit(serve) -> None:
     assert post_png(served, two_red_circles()).status_code == 200
 
 
+def test_a_pipelined_body_over_the_limit_gets_its_413_in_turn_without_its_body(serve) -> None:
+    served = serve(max_file_size=100_000)
+    sock = connect(served)
+    health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    sock.sendall(health + head(length=300_000_000) + b"\0" * 1000)  # one segment: pipelined
+    first, _, _ = read_response(sock)
+    status, headers, body = read_response(sock)  # no more of the body is ever sent
+    assert (first, status) == (200, 413)
+    assert json.loads(body)["error"]["message"] == "Image too large: limit is 100000 bytes"
+    assert headers["content-type"] == "application/json" and headers["connection"] == "close"
+    assert closed_by_server(sock)
+    sock.close()
+    assert served.server.door.too_large == 1 and served.batcher.reserved == 0
+
+
 @pytest.mark.parametrize(
     ("request_head", "status", "fragment"),
     [
@@ -415,7 +430,43 @@ def test_what_waitress_answers_itself_is_the_envelope(
     sock.close()
     assert got == status, body
     assert headers["content-type"] == "application/json"
+    assert (
+        len(headers["x-request-id"]) == 32
+        and "Retry-After" in headers["access-control-expose-headers"]
+    )
     answer = json.loads(body)
     assert answer["status"] == "error" and answer["predictions"] == []
     assert fragment in answer["error"]["message"]
     assert "Traceback" not in answer["error"]["message"]
+    assert any(f'status="{status}"' in line for line in counted(served))
+
+
+def counted(served: Served) -> list[str]:
+    text = requests.get(served.url + "/metrics", timeout=5).text
+    return [line for line in text.splitlines() if line.startswith("blip2_http_requests_total{")]
+
+
+def test_answers_before_flask_are_counted_by_route_never_by_path(serve) -> None:
+    """413s on the headers and waitress's own 400s, to any path: labelled by route template
+    (`unmatched` for no route), so clients cannot grow /metrics; a client's request id stays."""
+    served = serve(max_file_size=1000)
+    paths = [f"/no/such/{i}" for i in range(12)] + ["/v3/jobs/abc", "/analyze", "/v3//analyze"]
+    for path in paths:
+        sock = connect(served)
+        sock.sendall(head(path=path, length=5000, method="GET", extra="X-Request-ID: probe-7\r\n"))
+        status, headers, _ = read_response(sock)
+        sock.close()
+        assert (status, headers["x-request-id"]) == (413, "probe-7")
+    sock = connect(served)
+    sock.sendall(b"GET /what HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\nX-Request-ID: p8\r\n\r\n")
+    status, headers, _ = read_response(sock)
+    sock.close()
+    assert (status, headers["x-request-id"]) == (400, "p8")
+    lines = counted(served)
+    assert not any("/no/such" in line or "/what" in line for line in lines), lines
+    assert 'blip2_http_requests_total{method="GET",route="unmatched",status="413"} 13.0' in lines
+    assert 'blip2_http_requests_total{method="GET",route="unmatched",status="400"} 1.0' in lines
+    for route in ("/v3/jobs/<job_id>", "/analyze"):
+        assert (
+            f'blip2_http_requests_total{{method="GET",route="{route}",status="413"}} 1.0' in lines
+        )
