@@ -181,13 +181,17 @@ class Door:
             self._held[id(ticket)] = ticket
         return ticket
 
+    def oversize(self, parser: HTTPRequestParser, length: int) -> ServiceError | None:
+        """The 413 (counted) when `length` bytes of body are more than the route takes."""
+        exc = self.limits.refusal(parser.command, parser.path, length)
+        if exc is not None:
+            self.too_large += 1
+        return exc
+
     def check_size(self, parser: HTTPRequestParser, length: int) -> bytes | None:
         """The bytes of a 413 when `length` bytes of body are more than the route takes."""
-        exc = self.limits.refusal(parser.command, parser.path, length)
-        if exc is None:
-            return None
-        self.too_large += 1
-        return self._refusal(parser, exc)
+        exc = self.oversize(parser, length)
+        return None if exc is None else self._refusal(parser, exc)
 
     def _lend_stale(self) -> bool:
         """Give back the places of requests whose bodies are over `hold_s` late; any?"""
@@ -343,11 +347,8 @@ class DoorChannel(HTTPChannel):
             return None
         if self.requests:
             size = parser.content_length if body_size is None else body_size
-            exc = self.door.limits.refusal(parser.command, parser.path, size)
-            if exc is None:
-                return None
-            self.door.too_large += 1
-            return InOrderTooLarge(exc.message)
+            exc = self.door.oversize(parser, size)
+            return None if exc is None else InOrderTooLarge(exc.message)
         try:
             if body_size is None:
                 verdict = self.door.check(parser)
