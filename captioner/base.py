@@ -5,7 +5,7 @@ and nothing else, so a family (BLIP v1 in blip_captioner.py, BLIP-2 in blip2_cap
 added without touching them. `CaptionerBase` holds what does not depend on the family: the
 precision and device it was cast to, preprocessing on request threads (Pillow and NumPy, no torch
 parallel region), batching a list of images, warm-up, the start-up thread choice and what /health
-says about the model. A family supplies `check_options`, `caption_prepared` and `identity`.
+says about the model. A family supplies `check_options`, `caption_prepared` and `stamp_identity`.
 """
 
 from __future__ import annotations
@@ -92,15 +92,25 @@ class CaptionerBase(ABC):
         self.decode = decode
         self.parameters = sum(p.numel() for p in self.model.parameters())
         self._torch = torch
+        self._identity: str | None = None
 
     @property
     def name(self) -> str:
         return str(self.spec.name)
 
     @property
-    @abstractmethod
     def identity(self) -> str:
-        """Part of the result-cache key: which weights, precision and decoder made a caption."""
+        """Part of the result-cache key: which weights, precision and decoder made a caption.
+
+        Stamped once, on first use, not per request: that was two stat calls (more for
+        BLIP-2's LM shards) on every request's path, and the weights in memory do not change."""
+        if self._identity is None:
+            self._identity = self.stamp_identity()
+        return self._identity
+
+    @abstractmethod
+    def stamp_identity(self) -> str:
+        """The identity from the spec and the weight files on disk (size and mtime)."""
 
     @abstractmethod
     def check_options(self, options: GenerationOptions) -> GenerationOptions:

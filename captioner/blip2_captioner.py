@@ -1,7 +1,7 @@
 """A loaded BLIP-2 model behind the same interface as `blip2_model.Captioner`.
 
 The service's pipeline, batcher, cache, jobs, CLI and Ray call `prepare`, `caption_prepared`,
-`check_options`, `identity`, `name`, `warmup` (see docs/models.md for how Captioner.load
+`check_options`, `stamp_identity`, `name`, `warmup` (see docs/models.md for how Captioner.load
 dispatches here by arch). What differs from BLIP v1 is what the options mean for this family,
 and that is decided here, once:
 
@@ -99,8 +99,7 @@ class Blip2Captioner(CaptionerBase):
 
     # -- identity ----------------------------------------------------------------------------
 
-    @property
-    def identity(self) -> str:
+    def stamp_identity(self) -> str:
         """Part of the result-cache key: which weights, precision and decoder made a caption."""
         from captioner.blip2_build import lm_weight_files
 

@@ -172,8 +172,7 @@ class BlipCaptioner(CaptionerBase):
 
     # -- identity ----------------------------------------------------------------------------
 
-    @property
-    def identity(self) -> str:
+    def stamp_identity(self) -> str:
         """Part of the result-cache key: which weights, precision and decoder made a caption."""
         ckpt = self.spec.checkpoint
         stamp = ""

@@ -195,10 +195,13 @@ def _make_lm_class() -> type:
             past_len = past[0][0].shape[2] if past is not None else 0
             if attention_mask is None:
                 attention_mask = torch.ones((rows, length + past_len), device=input_ids.device)
-            # LAVIS BertModel's own mask builder: causal + padding, in the model's dtype.
-            mask = bert.get_extended_attention_mask(
-                attention_mask, input_ids.shape, input_ids.device, True
-            )
+            if length == 1:  # one new token sees every earlier one: LAVIS's mask minus its ~10 ops
+                dtype = bert.embeddings.word_embeddings.weight.dtype  # what `bert.dtype` finds
+                mask = (1.0 - attention_mask[:, None, None, :].to(dtype=dtype)) * -10000.0
+            else:  # LAVIS BertModel's own mask builder: causal + padding, in the model's dtype.
+                mask = bert.get_extended_attention_mask(
+                    attention_mask, input_ids.shape, input_ids.device, True
+                )
             hidden = bert.embeddings(input_ids=input_ids, past_key_values_length=past_len)
             presents = []
             for i, layer in enumerate(bert.encoder.layer):
@@ -209,11 +212,11 @@ def _make_lm_class() -> type:
                 attn_out = self._cross_attention(
                     layer.crossattention, i, self_out[0], group, mask.dtype
                 )
-                hidden = apply_chunking_to_forward(
-                    layer.feed_forward_chunk,
-                    layer.chunk_size_feed_forward,
-                    layer.seq_len_dim,
-                    attn_out,
+                feed, chunk = layer.feed_forward_chunk, layer.chunk_size_feed_forward
+                hidden = (  # LAVIS's chunk size is 0 (one chunk): skip the per-call signature check
+                    apply_chunking_to_forward(feed, chunk, layer.seq_len_dim, attn_out)
+                    if chunk
+                    else feed(attn_out)
                 )
             return self.decoder.cls(hidden), tuple(presents)
 
