@@ -33,4 +33,10 @@ def generation_view() -> type:
         def __call__(self, **kwargs: Any) -> Any:
             return self.forward(**kwargs)
 
+        def beam_search(self, input_ids: Any, beam_scorer: Any, **kwargs: Any) -> Any:
+            """Hugging Face's beam search, its per-step bookkeeping on Python numbers."""
+            from captioner.beam_scorer import adopt
+
+            return super().beam_search(input_ids, adopt(beam_scorer), **kwargs)
+
     return GenerationView
