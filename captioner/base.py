@@ -11,6 +11,7 @@ says about the model. A family supplies `check_options`, `caption_prepared` and 
 from __future__ import annotations
 
 import contextlib
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -92,21 +93,18 @@ class CaptionerBase(ABC):
         self.decode = decode
         self.parameters = sum(p.numel() for p in self.model.parameters())
         self._torch = torch
-        self._identity: str | None = None
 
     @property
     def name(self) -> str:
         return str(self.spec.name)
 
-    @property
+    @functools.cached_property
     def identity(self) -> str:
         """Part of the result-cache key: which weights, precision and decoder made a caption.
 
         Stamped once, on first use, not per request: that was two stat calls (more for
         BLIP-2's LM shards) on every request's path, and the weights in memory do not change."""
-        if self._identity is None:
-            self._identity = self.stamp_identity()
-        return self._identity
+        return self.stamp_identity()
 
     @abstractmethod
     def stamp_identity(self) -> str:
