@@ -18,11 +18,12 @@ import argparse
 import contextlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from captioner import cpu_bf16
 from captioner import device as model_device
 from captioner.memory import model_table
 from captioner.nvml import NVML_LIBRARY, NvmlReport, nvml_query
@@ -189,6 +190,7 @@ class DoctorReport:
     precision: str | None = None
     reason: str | None = None
     warnings: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)  # speed notes; the exit status ignores them
     error: str | None = None
     check: str | None = None
     models: list[dict[str, Any]] = field(default_factory=list)  # memory each model needs
@@ -201,6 +203,7 @@ def collect(
     root: Path,
     environ: Mapping[str, str],
     nvml_library: str | None,
+    bf16_speedup: Callable[[], float] = cpu_bf16.bf16_speedup,
 ) -> DoctorReport:
     """Everything the doctor prints, and the exit status, as data."""
     import torch
@@ -241,6 +244,8 @@ def collect(
     report.device, report.precision, report.reason = plan.device, plan.precision, plan.reason
     report.warnings = list(plan.warnings)
     ok, report.check = compute_check(torch, plan.device, plan.precision)
+    note = cpu_bf16.check(plan.device, plan.precision, bf16_speedup)
+    report.advice = [note] if note else []
     report.models = model_table(settings, plan.device, plan.precision, root)
     configured = report.models[0]
     if configured.get("fits") is False:
@@ -382,6 +387,7 @@ def _decision_lines(report: DoctorReport) -> list[str]:
         return [f"CANNOT START: {report.error}", f"exit status {report.exit_status}"]
     lines = [f"device {report.device}, precision {report.precision}", f"why: {report.reason}"]
     lines += [f"WARNING: {w}" for w in report.warnings]
+    lines += [f"ADVICE: {a}" for a in report.advice]
     lines.append(f"check: {report.check}")
     verdict = {
         EXIT_OK: "OK",

@@ -26,13 +26,16 @@ def load_captioner(settings: Settings, plan: DevicePlan | None = None) -> Captio
     """The configured model, loaded, checked and cast, ready for `warmup`."""
     import torch
 
-    from captioner import files
+    from captioner import cpu_bf16, files
     from captioner.device import plan_device
     from captioner.memory import check_fits
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     plan = plan or plan_device(settings.device, settings.precision)
+    note = cpu_bf16.check(plan.device, plan.precision)
+    if note:
+        log.warning("PRECISION=bf16: %s", note)
     spec = files.configured_spec(settings)
     need = check_fits(spec, plan.device, plan.precision)
     log.info("memory: %s", need.describe())
