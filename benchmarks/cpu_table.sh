@@ -25,8 +25,8 @@ step admission benchmarks/admission.py --rounds 3 --processes 8 --control
 step fairness-idle benchmarks/fairness.py --job-images 800 --requests 80 --variant default= --variant "$GOMP" --variant "$ONE"
 step fairness-busy benchmarks/fairness.py --job-images 800 --requests 80 --neighbour --variant default= --variant "$GOMP" --variant "$ONE"
 step load-tiny-busy benchmarks/load.py --model tiny --duration 20 --neighbour --skip-cache --skip-baseline --ours-env default= --ours-env "$GOMP" --ours-env "$ONE" --ours-env "$TWO"
-# One 20 s window per server cannot resolve 5 % for the tiny model (a server start now and then
-# runs 15 % below its twin): default and threads1 (what the start-up choice picks) alternate.
+# One 20 s window per server cannot resolve 5 % for the tiny model (a window now and then runs
+# 15 % below its twin: the host's steal time, load.py's "steal %"): default and threads1 alternate.
 AB="--ours-env default1= --ours-env threads1a=TORCH_THREADS=1 --ours-env default2= --ours-env threads1b=TORCH_THREADS=1 --ours-env default3= --ours-env threads1c=TORCH_THREADS=1"
 step load-tiny-idle-abab benchmarks/load.py --model tiny --duration 30 --skip-cache --skip-baseline $AB --ours-env default4= --ours-env threads1d=TORCH_THREADS=1
 step load-tiny-busy-abab benchmarks/load.py --model tiny --duration 30 --neighbour --skip-cache --skip-baseline $AB

@@ -46,9 +46,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_support import (  # noqa: E402
     batch_histogram,
     busy_neighbour,
+    cpu_counters,
     describe,
     machine,
     parse_variant,
+    steal_share,
     tiny_shapes_pngs,
     variant_env,
 )
@@ -63,6 +65,11 @@ class Run:
     latencies: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     elapsed: float = 0.0
+    steal: float | None = None  # the hypervisor's share of the machine during the run
+
+    @property
+    def steal_pct(self) -> str:
+        return "-" if self.steal is None else f"{100 * self.steal:.1f}"
 
     @property
     def ok(self) -> int:
@@ -155,10 +162,10 @@ def drive_existing(args: argparse.Namespace, images: list[bytes]) -> int:
     drive("warm-up", base, images[:2], 2, 0.1, 600.0)
     send = post_raw if args.raw else post
     run = drive("target", base, images, args.clients, args.duration, 600.0, send)
-    print(f"{'server':<10}{'ok':>6}{'req/s':>10}{'p50 s':>10}{'p95 s':>10}  errors")
+    print(f"{'server':<10}{'ok':>6}{'req/s':>10}{'p50 s':>10}{'p95 s':>10}{'steal %':>9}  errors")
     print(
         f"{run.name:<10}{run.ok:>6}{run.throughput:>10.3f}{run.pct(0.5):>10.3f}"
-        f"{run.pct(0.95):>10.3f}  {run.errors or '-'}"
+        f"{run.pct(0.95):>10.3f}{run.steal_pct:>9}  {run.errors or '-'}"
     )
     summary = {
         "url": base,
@@ -168,6 +175,7 @@ def drive_existing(args: argparse.Namespace, images: list[bytes]) -> int:
         "p50_s": round(run.pct(0.5), 4),
         "p95_s": round(run.pct(0.95), 4),
         "errors": sum(run.errors.values()),
+        "steal": None if run.steal is None else round(run.steal, 4),
     }
     print(json.dumps(summary))
     return 0
@@ -219,11 +227,12 @@ def drive(
                 else:
                     run.errors[kind] = run.errors.get(kind, 0) + 1
 
-    started = time.monotonic()
+    started, counters = time.monotonic(), cpu_counters()
     with cf.ThreadPoolExecutor(max_workers=clients) as pool:
         for f in [pool.submit(client) for _ in range(clients)]:
             f.result()
     run.elapsed = time.monotonic() - started
+    run.steal = steal_share(counters, cpu_counters())
     return run
 
 
@@ -375,11 +384,11 @@ def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
     )
     for name, hist in histograms.items():
         print(f"{name} batch sizes (from /metrics): {hist}")
-    print(f"{'server':<10}{'ok':>6}{'req/s':>10}{'p50 s':>10}{'p95 s':>10}  errors")
+    print(f"{'server':<10}{'ok':>6}{'req/s':>10}{'p50 s':>10}{'p95 s':>10}{'steal %':>9}  errors")
     for run in results.values():
         print(
             f"{run.name:<10}{run.ok:>6}{run.throughput:>10.3f}{run.pct(0.5):>10.3f}"
-            f"{run.pct(0.95):>10.3f}  {run.errors or '-'}"
+            f"{run.pct(0.95):>10.3f}{run.steal_pct:>9}  {run.errors or '-'}"
         )
     hit_p50_ms = statistics.median(hits.latencies) * 1000 if hits.latencies else float("nan")
     print(f"cache hit: {hits.ok} requests, p50 {hit_p50_ms:.2f} ms")
@@ -400,6 +409,9 @@ def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
         if name.startswith("ours:"):
             summary[f"{name}_rps"] = round(run.throughput, 4)
             summary[f"{name}_vs_first"] = round(run.throughput / ours.throughput, 3)
+    for name, run in results.items():
+        if run.steal is not None:
+            summary[f"{name}_steal"] = round(run.steal, 4)
     if "baseline" in results:
         baseline = results["baseline"]
         summary.update(
