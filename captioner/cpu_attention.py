@@ -16,9 +16,11 @@ untouched, so fp32 captions stay identical to stock).
 
 from __future__ import annotations
 
+import functools
 import logging
-import time
 from typing import TYPE_CHECKING
+
+from captioner.timing import best_times
 
 if TYPE_CHECKING:
     import torch
@@ -93,15 +95,7 @@ def choose(
     q = torch.randn(batch, heads, queries, head_dim, generator=gen).to(dtype)
     k = torch.randn(batch, heads, keys, head_dim, generator=gen).to(dtype)
     v = torch.randn(batch, heads, keys, head_dim, generator=gen).to(dtype)
-    best = {kind: float("inf") for kind in KINDS}
-    with torch.inference_mode():
-        for kind in KINDS:
-            attend(kind, q, k, v)  # warm-up: lazy kernel initialisation
-        for _ in range(rounds):
-            for kind in KINDS:
-                started = time.perf_counter()
-                attend(kind, q, k, v)
-                best[kind] = min(best[kind], time.perf_counter() - started)
+    best = best_times({kind: functools.partial(attend, kind, q, k, v) for kind in KINDS}, rounds)
     chosen = MATMUL if best[MATMUL] < MARGIN * best[FUSED] else FUSED
     log.info(
         "attention %dx%d tokens, %d heads, %s: %s (fused %.2f ms, matrix products %.2f ms)",

@@ -15,8 +15,9 @@ prints it; neither refuses bf16, which stays the operator's choice.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+
+from captioner.timing import best_times
 
 #: (rows, inputs, outputs): one image's tokens through ViT-L's fc1, the encoder's largest product.
 SHAPE = (577, 1024, 4096)
@@ -39,25 +40,15 @@ def bf16_speedup(rounds: int = 3) -> float:
     weight = torch.randn(outputs, inputs, generator=gen) * inputs**-0.5
     bias = torch.zeros(outputs)
     xb, wb, bb = x.bfloat16(), weight.bfloat16(), bias.bfloat16()
-    runs: dict[str, list[Callable[[], object]]] = {
-        "fp32": [lambda: F.linear(x, weight, bias)],
-        "bf16": [lambda: F.linear(xb, wb, bb)],
+    runs: dict[str, Callable[[], object]] = {
+        "fp32": lambda: F.linear(x, weight, bias),
+        "bf16": lambda: F.linear(xb, wb, bb),
     }
     if packed_linear.available(torch.bfloat16):
         packed = packed_linear._pack(wb)
-        runs["bf16"].append(lambda: packed_linear._product(xb, packed, bb, "none"))
-    best = {kind: float("inf") for kind in runs}
-    with torch.inference_mode():
-        for calls in runs.values():
-            for call in calls:
-                call()  # warm-up: lazy kernel initialisation
-        for _ in range(rounds):
-            for kind, calls in runs.items():
-                for call in calls:
-                    started = time.perf_counter()
-                    call()
-                    best[kind] = min(best[kind], time.perf_counter() - started)
-    return best["fp32"] / best["bf16"]
+        runs["bf16 packed"] = lambda: packed_linear._product(xb, packed, bb, "none")
+    best = best_times(runs, rounds)
+    return best["fp32"] / min(best["bf16"], best.get("bf16 packed", float("inf")))
 
 
 def advice(speedup: float) -> str | None:

@@ -27,10 +27,11 @@ fp32 never comes here (its captions stay bit-identical to stock), nor does a GPU
 from __future__ import annotations
 
 import logging
-import time
 import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from captioner.timing import best_times
 
 if TYPE_CHECKING:
     import torch
@@ -119,16 +120,7 @@ def choose(
         for x, _, packed_weight, bias in cases:
             _product(x, packed_weight, bias, "none")
 
-    best = {"plain": float("inf"), "packed": float("inf")}
-    runs = {"plain": plain, "packed": packed}
-    with torch.inference_mode():
-        for run in runs.values():
-            run()  # warm-up: lazy kernel initialisation
-        for _ in range(rounds):
-            for kind, run in runs.items():
-                started = time.perf_counter()
-                run()
-                best[kind] = min(best[kind], time.perf_counter() - started)
+    best = best_times({"plain": plain, "packed": packed}, rounds)
     chosen = best["packed"] < MARGIN * best["plain"]
     log.info(
         "linear layers, %s: %s (plain %.2f ms, packed %.2f ms)",
