@@ -18,6 +18,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from captioner.generation_view import generation_view
+from captioner.token_text import batch_text
 
 if TYPE_CHECKING:
     import torch
@@ -204,5 +205,5 @@ def stock_generate(model: Any, samples: dict[str, Any], **kw: Any) -> tuple[list
 
 def decode_texts(model: Any, ids: torch.Tensor, prompt_length: int) -> list[str]:
     """Stock's post-processing: drop the prompt, decode without special tokens, strip."""
-    texts = model.opt_tokenizer.batch_decode(ids[:, prompt_length:], skip_special_tokens=True)
+    texts = batch_text(model.opt_tokenizer, ids[:, prompt_length:])
     return [t.strip() for t in texts]

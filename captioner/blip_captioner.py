@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from captioner.base import PROMPT_MEMO, CaptionerBase
 from captioner.spec import ModelSpec
+from captioner.token_text import batch_text
 from captioning.errors import InvalidOption
 from captioning.options import GenerationOptions
 
@@ -248,7 +249,7 @@ class BlipCaptioner(CaptionerBase):
         else:
             kwargs.update(num_beams=opts.num_beams, num_return_sequences=opts.num_captions)
         out = self._generate(prompt_ids, embeds, **kwargs)
-        decoded = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        decoded = batch_text(self.tokenizer, out)
         strip = len(self.spec.prompt)
         return [text[strip:] for text in decoded]
 

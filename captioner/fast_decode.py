@@ -9,9 +9,9 @@ step) and reused. Everything else is the stock computation:
 - the decoding loop is Hugging Face's own `generate()` (greedy, beam search, nucleus sampling,
   logits processors, beam finalisation, random-number use), driven by a thin `GenerationMixin`
   view of the LAVIS decoder, so search semantics cannot drift from stock;
-- each decoder layer runs the LAVIS modules themselves (self-attention with its key/value cache,
-  the cross-attention's query/output projections, feed-forward, LM head) on tensors of the same
-  shapes as stock, so fp32 logits are bit-identical to stock, not merely close;
+- each step makes the calls of LAVIS's modules (self-attention with its key/value cache, the
+  cross-attention's projections, feed-forward, LM head) on tensors of stock's shapes, flattened
+  (flat_decoder.py) or through the modules, so fp32 logits are bit-identical to stock;
 - the only rearranged arithmetic, q @ K^T and probs @ V against the per-image K/V, is issued as
   the same batched-matmul kernel calls, on the same memory layouts, that stock's `torch.matmul`
   makes on its per-beam copies (see `CrossAttentionCache`).
@@ -30,6 +30,7 @@ running in bf16/fp16; fp32 encoder maths is untouched. `restore_model` undoes it
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import types
@@ -37,6 +38,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from captioner import cpu_attention
+from captioner.flat_decoder import FlatDecoder
 from captioner.generation_view import generation_view
 
 if TYPE_CHECKING:  # heavy imports stay out of import time
@@ -146,6 +148,7 @@ def _make_lm_class() -> type:
             self.decoder = decoder
             self.cache = cache
             self.attention = attention  # low precision only: see cpu_attention.choose
+            self.flat = FlatDecoder.build(decoder)  # None: run the decoder's own modules
 
         def prepare_inputs_for_generation(
             self,
@@ -202,6 +205,9 @@ def _make_lm_class() -> type:
                 mask = bert.get_extended_attention_mask(
                     attention_mask, input_ids.shape, input_ids.device, True
                 )
+            cross = functools.partial(self._context, group=group, mask_dtype=mask.dtype)
+            if self.flat is not None:
+                return self.flat.step(input_ids, mask, past, past_len, cross)
             hidden = bert.embeddings(input_ids=input_ids, past_key_values_length=past_len)
             presents = []
             for i, layer in enumerate(bert.encoder.layer):
@@ -209,9 +215,11 @@ def _make_lm_class() -> type:
                     hidden, mask, None, past_key_value=past[i] if past is not None else None
                 )
                 presents.append(self_out[-1])
-                attn_out = self._cross_attention(
-                    layer.crossattention, i, self_out[0], group, mask.dtype
-                )
+                attn = layer.crossattention.self
+                query = attn.transpose_for_scores(attn.query(self_out[0]))  # (N, h, L, d)
+                context = cross(query, i).permute(0, 2, 1, 3).contiguous()
+                context = context.view(*context.size()[:-2], attn.all_head_size)
+                attn_out = layer.crossattention.output(context, self_out[0])
                 feed, chunk = layer.feed_forward_chunk, layer.chunk_size_feed_forward
                 hidden = (  # LAVIS's chunk size is 0 (one chunk): skip the per-call signature check
                     apply_chunking_to_forward(feed, chunk, layer.seq_len_dim, attn_out)
@@ -220,27 +228,23 @@ def _make_lm_class() -> type:
                 )
             return self.decoder.cls(hidden), tuple(presents)
 
-        def _cross_attention(
-            self, cross: Any, index: int, hidden: torch.Tensor, group: int, mask_dtype: Any
+        def _context(
+            self, query: torch.Tensor, index: int, *, group: int, mask_dtype: Any
         ) -> torch.Tensor:
-            """LAVIS `BertAttention` (cross) for `group` rows per image sharing one K/V."""
-            attn = cross.self
-            query = attn.transpose_for_scores(attn.query(hidden))  # (N, h, L, d)
+            """Layer `index`'s cross-attention context (N, h, L, d) for its query heads, each
+            image's `group` rows against the image's one cached K/V."""
             if query.dtype in (torch.float16, torch.bfloat16):
-                context = self._fused_context(query, index, group)
-            else:
-                context = self._exact_context(query, index, group, attn, mask_dtype)
-            context = context.permute(0, 2, 1, 3).contiguous()
-            context = context.view(*context.size()[:-2], attn.all_head_size)
-            return cross.output(context, hidden)
+                return self._fused_context(query, index, group)
+            return self._exact_context(query, index, group, mask_dtype)
 
         def _exact_context(
-            self, query: torch.Tensor, index: int, group: int, attn: Any, mask_dtype: Any
+            self, query: torch.Tensor, index: int, group: int, mask_dtype: Any
         ) -> torch.Tensor:
             """softmax(q K^T / sqrt(d)) V with stock's kernels and layouts: bit-identical.
 
             Stock adds the all-ones image mask as -0.0: a no-op, except that it promotes
-            the scores to the mask's dtype. The promotion is kept, the add is not.
+            the scores to the mask's dtype. The promotion is kept; the add and the dropout
+            (eval mode: the identity) are not.
             """
             cache = self.cache
             rows, heads, length, head_dim = query.shape
@@ -263,10 +267,10 @@ def _make_lm_class() -> type:
                     ],
                     dim=1,
                 ).view(rows, heads, length, -1)
-            scores = scores / math.sqrt(attn.attention_head_size)
+            scores = scores / math.sqrt(head_dim)
             if scores.dtype != mask_dtype:
                 scores = scores.to(mask_dtype)
-            probs = attn.dropout(torch.nn.Softmax(dim=-1)(scores))
+            probs = scores.softmax(dim=-1)
             if rows == 1:
                 return torch.matmul(probs, cache.values[index])
             per_slot = probs.view(images, group, heads, length, -1)
