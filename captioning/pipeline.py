@@ -197,8 +197,9 @@ class Pipeline:
             if len(data) > self.max_bytes:
                 raise too_large(self.max_bytes)
             read_done = time.monotonic()
-            key = cache_key(data, captioner.identity, options) if cacheable(options) else None
-            staged = Staged(hashlib.sha256(data).hexdigest(), key)
+            digest = hashlib.sha256(data).digest()  # once: the log's image id and the cache's
+            key = cache_key(digest, captioner.identity, options) if cacheable(options) else None
+            staged = Staged(digest.hex(), key)
             staged.timings["read"] = read_done - started
             staged.captions = self.cache.get(key) if key is not None else None
             if staged.captions is None:

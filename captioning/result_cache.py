@@ -26,10 +26,11 @@ REDIS_TIMEOUT_S = 0.25
 REDIS_RETRY_AFTER_S = 5.0
 
 
-def cache_key(image_bytes: bytes, model_identity: str, options: GenerationOptions) -> str:
-    """SHA-256 over the image bytes, the model identity and every option that shapes output."""
+def cache_key(image_digest: bytes, model_identity: str, options: GenerationOptions) -> str:
+    """SHA-256 over the image's SHA-256 (`image_digest`, the 32 raw bytes the pipeline computes
+    once per image), the model identity and every option that shapes output."""
     digest = hashlib.sha256()
-    digest.update(hashlib.sha256(image_bytes).digest())
+    digest.update(image_digest)
     digest.update(model_identity.encode("utf-8"))
     digest.update(json.dumps(options.signature(), sort_keys=True).encode("utf-8"))
     return digest.hexdigest()

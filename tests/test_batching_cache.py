@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import hashlib
 import socket
 import threading
 import time
@@ -18,6 +19,9 @@ from blip2_model import GenerationOptions
 from captioning.batcher import DeadlineExceeded, QueueFull
 from captioning.result_cache import MemoryCache, RedisCache, cache_key, cacheable
 from test_rest_api import assert_success, two_red_circles
+
+IMAGE = hashlib.sha256(b"image").digest()  # what the pipeline passes: the image's SHA-256
+IMAGE2 = hashlib.sha256(b"image2").digest()
 
 # ----------------------------------------------------------------------------- batcher alone
 
@@ -115,10 +119,10 @@ def test_out_of_memory_halves_the_batch(make_batcher) -> None:
 
 def test_cache_key_changes_with_image_model_and_every_option() -> None:
     base = GenerationOptions()
-    key = cache_key(b"image", "model-a", base)
-    assert key == cache_key(b"image", "model-a", GenerationOptions())
-    assert key != cache_key(b"image2", "model-a", base)
-    assert key != cache_key(b"image", "model-b", base)
+    key = cache_key(IMAGE, "model-a", base)
+    assert key == cache_key(IMAGE, "model-a", GenerationOptions())
+    assert key != cache_key(IMAGE2, "model-a", base)
+    assert key != cache_key(IMAGE, "model-b", base)
     changes = {
         "num_beams": 4,
         "max_length": 20,
@@ -132,14 +136,28 @@ def test_cache_key_changes_with_image_model_and_every_option() -> None:
     }
     seen = {key}
     for name, value in changes.items():
-        other = cache_key(b"image", "model-a", dataclasses.replace(base, **{name: value}))
+        other = cache_key(IMAGE, "model-a", dataclasses.replace(base, **{name: value}))
         assert other not in seen, name
         seen.add(other)
     sampled = dataclasses.replace(base, use_nucleus_sampling=True)
     assert not cacheable(sampled) and cacheable(base)
-    assert cache_key(b"i", "m", sampled) != cache_key(
-        b"i", "m", dataclasses.replace(sampled, top_p=0.5)
+    assert cache_key(IMAGE, "m", sampled) != cache_key(
+        IMAGE, "m", dataclasses.replace(sampled, top_p=0.5)
     )
+
+
+def test_cache_key_formula_is_the_one_shared_caches_hold() -> None:
+    """Replicas of different versions share a Redis cache: the key of an image must not change
+    with how the pipeline hashes it (SHA-256 over the image's SHA-256, identity, options)."""
+    import json
+
+    options = GenerationOptions(num_beams=4)
+    expected = hashlib.sha256(
+        hashlib.sha256(b"image").digest()
+        + b"model-a"
+        + json.dumps(options.signature(), sort_keys=True).encode()
+    ).hexdigest()
+    assert cache_key(IMAGE, "model-a", options) == expected
 
 
 def test_memory_cache_lru_and_ttl() -> None:
