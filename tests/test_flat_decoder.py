@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from test_fast_decode import stock_forward
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +71,7 @@ def test_flat_step_is_stock_lavis(decoding: dict) -> None:
 
     dec, embeds, ids = decoding["decoder"], decoding["embeds"], decoding["ids"]
     with torch.inference_mode():
-        repeated = embeds.repeat_interleave(3, 0)
-        stock = dec(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            encoder_hidden_states=repeated,
-            encoder_attention_mask=torch.ones(repeated.shape[:-1], dtype=torch.long),
-            return_dict=True,
-            is_decoder=True,
-        )
+        stock = stock_forward(dec, ids, embeds.repeat_interleave(3, 0))
         lm = fast_decode._lm_class()(dec, fast_decode.CrossAttentionCache.build(dec, embeds))
         flat = lm(input_ids=ids, attention_mask=torch.ones_like(ids))
     assert lm.flat is not None
