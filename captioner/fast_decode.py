@@ -351,7 +351,7 @@ def generate(
     """
     import torch
 
-    if decoder.training:
+    if any(module.training for module in decoder.modules()):
         raise ValueError("fast decoding needs the decoder in eval mode (dropout off)")
     if prompt_ids.shape[0] != embeds.shape[0]:
         raise ValueError(

@@ -50,6 +50,9 @@ class _Layer:
     self_out: Linear
     self_norm: Norm
     cross_query: Linear
+    cross_heads: int  # its own: LAVIS's pruned_heads prune the self-attention only
+    cross_dim: int
+    cross_width: int
     cross_out: Linear
     cross_norm: Norm
     up: Linear
@@ -95,6 +98,9 @@ class FlatDecoder:
                     self_out=_linear(own.output.dense),
                     self_norm=_norm(own.output.LayerNorm),
                     cross_query=_linear(cross.self.query),
+                    cross_heads=int(cross.self.num_attention_heads),
+                    cross_dim=int(cross.self.attention_head_size),
+                    cross_width=int(cross.self.all_head_size),
                     cross_out=_linear(cross.output.dense),
                     cross_norm=_norm(cross.output.LayerNorm),
                     up=_linear(layer.intermediate.dense),
@@ -153,8 +159,9 @@ class FlatDecoder:
             attended = F.linear(context, *layer.self_out) + hidden
             attended = F.layer_norm(attended, *layer.self_norm)
             # cross-attention on the image (the caller's K/V), then its BertSelfOutput
-            context = cross(_split(F.linear(attended, *layer.cross_query), heads, dim), index)
-            context = _merge(context, layer.width)
+            query = F.linear(attended, *layer.cross_query)
+            context = cross(_split(query, layer.cross_heads, layer.cross_dim), index)
+            context = _merge(context, layer.cross_width)
             crossed = F.linear(context, *layer.cross_out) + attended
             crossed = F.layer_norm(crossed, *layer.cross_norm)
             # BertIntermediate + BertOutput
@@ -195,13 +202,34 @@ def _activation(fn: Any) -> Callable[[Any], Any]:
     return fn  # type: ignore[no-any-return]
 
 
+def _leaves() -> tuple[type, ...]:
+    import torch
+
+    return (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Embedding)
+
+
 def _plain(decoder: Any) -> bool:
-    """A stock LAVIS BLIP decoder in eval mode, every module running its class's forward."""
+    """A stock LAVIS BLIP decoder in eval mode: every module in eval mode, running its class's
+    forward without hooks, and every weight read here held by a plain torch Linear, LayerNorm
+    or Embedding (not a subclass: a LoRA or fused variant computes something else)."""
+    import torch
+
     bert = getattr(decoder, "bert", None)
-    if bert is None or decoder.training or getattr(decoder, "cls", None) is None:
+    if bert is None or getattr(decoder, "cls", None) is None:
         return False
-    if any("forward" in module.__dict__ for module in decoder.modules()):
-        return False  # packed linear layers or another per-instance patch: run the modules
+    leaves = _leaves()
+    for module in decoder.modules():
+        if module.training or "forward" in module.__dict__:
+            return False  # dropout on, or packed linear layers / another per-instance patch
+        if module._forward_hooks or module._forward_pre_hooks:
+            return False
+        if isinstance(module, leaves) and type(module) not in leaves:
+            return False
+    hooks = torch.nn.modules.module
+    if getattr(hooks, "_global_forward_hooks", None) or getattr(
+        hooks, "_global_forward_pre_hooks", None
+    ):
+        return False
     emb = bert.embeddings
     if getattr(emb, "position_embedding_type", "absolute") != "absolute":
         return False

@@ -29,6 +29,8 @@ REDIS_RETRY_AFTER_S = 5.0
 def cache_key(image_digest: bytes, model_identity: str, options: GenerationOptions) -> str:
     """SHA-256 over the image's SHA-256 (`image_digest`, the 32 raw bytes the pipeline computes
     once per image), the model identity and every option that shapes output."""
+    if len(image_digest) != hashlib.sha256().digest_size:
+        raise ValueError("cache_key takes the image's SHA-256 digest, not the image bytes")
     digest = hashlib.sha256()
     digest.update(image_digest)
     digest.update(model_identity.encode("utf-8"))

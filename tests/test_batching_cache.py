@@ -146,6 +146,11 @@ def test_cache_key_changes_with_image_model_and_every_option() -> None:
     )
 
 
+def test_cache_key_refuses_image_bytes() -> None:
+    with pytest.raises(ValueError, match="digest"):
+        cache_key(b"\x89PNG raw image bytes", "model-a", GenerationOptions())
+
+
 def test_cache_key_formula_is_the_one_shared_caches_hold() -> None:
     """Replicas of different versions share a Redis cache: the key of an image must not change
     with how the pipeline hashes it (SHA-256 over the image's SHA-256, identity, options)."""

@@ -78,47 +78,77 @@ def test_flat_step_is_stock_lavis(decoding: dict) -> None:
     assert torch.equal(stock.logits, flat.logits)
 
 
-def _training(dec: Any, mp: pytest.MonkeyPatch) -> None:
-    mp.setattr(dec, "training", True)
+def _training(dec: Any) -> None:
+    dec.train()
 
 
-def _chunked(dec: Any, mp: pytest.MonkeyPatch) -> None:
-    mp.setattr(dec.bert.encoder.layer[1], "chunk_size_feed_forward", 4)
+def _chunked(dec: Any) -> None:
+    dec.bert.encoder.layer[1].chunk_size_feed_forward = 4
 
 
-def _relative_positions(dec: Any, mp: pytest.MonkeyPatch) -> None:
-    mp.setattr(dec.bert.encoder.layer[0].attention.self, "position_embedding_type", "relative_key")
+def _relative_positions(dec: Any) -> None:
+    dec.bert.encoder.layer[0].attention.self.position_embedding_type = "relative_key"
 
 
-def _relative_embeddings(dec: Any, mp: pytest.MonkeyPatch) -> None:
-    mp.setattr(dec.bert.embeddings, "position_embedding_type", "relative_key")
+def _relative_embeddings(dec: Any) -> None:
+    dec.bert.embeddings.position_embedding_type = "relative_key"
 
 
-def _max_norm(dec: Any, mp: pytest.MonkeyPatch) -> None:
-    mp.setattr(dec.bert.embeddings.word_embeddings, "max_norm", 1.0)
+def _max_norm(dec: Any) -> None:
+    dec.bert.embeddings.word_embeddings.max_norm = 1.0
 
 
-def _patched_linear(dec: Any, mp: pytest.MonkeyPatch) -> None:
+def _patched_linear(dec: Any) -> None:
     """What packed_linear.pack_model does to a bf16 model: an instance forward."""
     linear = dec.bert.encoder.layer[0].intermediate.dense
-    mp.setitem(linear.__dict__, "forward", linear.forward)
+    linear.forward = linear.forward
+
+
+def _dropout_on_in_one_layer(dec: Any) -> None:
+    dec.bert.encoder.layer[1].output.dropout.train()
+
+
+def _hooked(dec: Any) -> None:
+    """A forward hook (a user's, or a tool's) would never see a flat step."""
+    dec.bert.encoder.layer[0].output.LayerNorm.register_forward_hook(lambda *args: None)
+
+
+def _layer_norm_subclass(dec: Any) -> None:
+    """A LayerNorm variant (fused, LoRA-wrapped, ...) computes more than F.layer_norm."""
+    import torch
+
+    class Variant(torch.nn.LayerNorm):
+        pass
+
+    old = dec.cls.predictions.transform.LayerNorm
+    variant = Variant(old.normalized_shape, eps=old.eps)
+    variant.load_state_dict(old.state_dict())
+    dec.cls.predictions.transform.LayerNorm = variant.eval()
 
 
 @pytest.mark.parametrize(
     "change",
-    [_training, _chunked, _relative_positions, _relative_embeddings, _max_norm, _patched_linear],
+    [
+        _training,
+        _chunked,
+        _relative_positions,
+        _relative_embeddings,
+        _max_norm,
+        _patched_linear,
+        _dropout_on_in_one_layer,
+        _hooked,
+        _layer_norm_subclass,
+    ],
 )
-def test_only_a_plain_decoder_is_flattened(
-    decoding: dict, monkeypatch: pytest.MonkeyPatch, change: Callable[..., None]
-) -> None:
+def test_only_a_plain_decoder_is_flattened(decoding: dict, change: Callable[[Any], None]) -> None:
+    import copy
+
     from captioner.flat_decoder import FlatDecoder
 
-    dec = decoding["decoder"]
+    dec = copy.deepcopy(decoding["decoder"])  # the session's tiny model stays as it is
     assert FlatDecoder.build(dec) is not None
-    with monkeypatch.context() as mp:
-        change(dec, mp)
-        assert FlatDecoder.build(dec) is None
-    assert FlatDecoder.build(dec) is not None  # the change undone, flat again
+    change(dec)
+    assert FlatDecoder.build(dec) is None
 
 
 def test_packed_bf16_decoder_runs_its_modules(tiny_captioner: Any) -> None:
@@ -139,3 +169,42 @@ def test_packed_bf16_decoder_runs_its_modules(tiny_captioner: Any) -> None:
     assert FlatDecoder.build(dec) is None
     packed_linear.unpack_model(dec)
     assert FlatDecoder.build(dec) is not None
+
+
+def test_pruned_self_attention_heads(decoding: dict) -> None:
+    """LAVIS prunes the self-attention only (`config.pruned_heads`): the cross-attention keeps
+    all its heads, and the flat step splits each with its own layout."""
+    import copy
+
+    import torch
+
+    from captioner import fast_decode
+
+    dec = copy.deepcopy(decoding["decoder"])
+    dec.bert.encoder.layer[0].attention.prune_heads([1])
+    dec.eval()  # the pruned projections are new modules, built in training mode
+    assert dec.bert.encoder.layer[0].attention.self.num_attention_heads == 3
+    embeds = decoding["embeds"]
+    with torch.inference_mode():
+        flat_lm = fast_decode._lm_class()(dec, fast_decode.CrossAttentionCache.build(dec, embeds))
+        module_lm = fast_decode._lm_class()(dec, fast_decode.CrossAttentionCache.build(dec, embeds))
+        assert flat_lm.flat is not None
+        module_lm.flat = None
+        flat, modules = two_steps(flat_lm, decoding["ids"]), two_steps(module_lm, decoding["ids"])
+    for a, b in zip(flat, modules, strict=True):
+        assert torch.equal(a.logits, b.logits)
+
+
+def test_fast_decoding_refuses_dropout_anywhere(decoding: dict) -> None:
+    """Neither step applies dropout, so a decoder with any module in training mode is refused
+    rather than decoded without the dropout it asked for."""
+    import copy
+
+    import torch
+
+    from captioner import fast_decode
+
+    dec = copy.deepcopy(decoding["decoder"])
+    dec.bert.encoder.layer[0].attention.self.dropout.train()
+    with torch.inference_mode(), pytest.raises(ValueError, match="eval mode"):
+        fast_decode.generate(dec, decoding["ids"][::3], decoding["embeds"], max_length=12)

@@ -53,6 +53,36 @@ def test_tiny_model_tokenizer(tiny_captioner: Any) -> None:
     check(tokenizer, seed=1)
 
 
+def test_rows_as_a_list_of_tensors(tiny_captioner: Any) -> None:
+    import torch
+
+    from captioner.token_text import batch_text
+
+    tokenizer = tiny_captioner.tokenizer
+    rows = [torch.tensor(row) for row in random_rows(tokenizer, seed=4)]
+    assert batch_text(tokenizer, rows) == tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def test_a_tokenizer_with_its_own_decoder_keeps_batch_decode(tmp_path: Path) -> None:
+    """Some slow tokenizers override `_decode` and may use the special ids otherwise."""
+    from transformers import BertTokenizer
+
+    import blip2_model
+    from captioner.token_text import batch_text
+
+    class Shouting(BertTokenizer):
+        def _decode(self, token_ids: Any, **kwargs: Any) -> str:
+            kept = [i for i in token_ids if i != self.cls_token_id]  # drops only [CLS]
+            return super()._decode(kept, **{**kwargs, "skip_special_tokens": False}).upper()
+
+    directory = blip2_model.write_placeholder_tokenizer(tmp_path / "vocab", vocab_size=400)
+    tokenizer = Shouting.from_pretrained(str(directory), local_files_only=True)
+    rows = random_rows(tokenizer, seed=5)
+    expected = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    assert "[SEP]" in " ".join(expected)  # its decoder keeps what the generic skip would drop
+    assert batch_text(tokenizer, rows) == expected
+
+
 def test_placeholder_bert_vocabulary(tmp_path: Path) -> None:
     import blip2_model
     from captioner.blip_build import load_tokenizer
