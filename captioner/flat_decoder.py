@@ -14,9 +14,10 @@ fp32 logits and the key/value cache stay bit-identical to stock (tests/test_fast
 compares them bit for bit). Dropout is left out: fast decoding runs in eval mode only, where it
 is the identity. The cross-attention context comes from the caller (fast_decode's per-image K/V).
 
-Only a plain LAVIS decoder is flattened: absolute position embeddings, no feed-forward chunking,
-no embedding max-norm, and no module with a `forward` of its own (packed bf16 linear layers, see
-packed_linear.py). `build` returns None otherwise, and fast_decode runs the modules themselves.
+Only a plain LAVIS decoder is flattened: every module in eval mode, without hooks or a `forward`
+of its own (packed bf16 linear layers, see packed_linear.py); plain torch Linear, LayerNorm and
+Embedding (no subclasses, no embedding max-norm); absolute position embeddings; no feed-forward
+chunking. `build` returns None otherwise, and fast_decode runs the modules themselves.
 """
 
 from __future__ import annotations
