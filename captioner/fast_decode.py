@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from captioner import cpu_attention
-from captioner.flat_decoder import FlatDecoder
+from captioner.flat_decoder import FlatDecoder, merge_heads
 from captioner.generation_view import generation_view
 
 if TYPE_CHECKING:  # heavy imports stay out of import time
@@ -217,8 +217,7 @@ def _make_lm_class() -> type:
                 presents.append(self_out[-1])
                 attn = layer.crossattention.self
                 query = attn.transpose_for_scores(attn.query(self_out[0]))  # (N, h, L, d)
-                context = cross(query, i).permute(0, 2, 1, 3).contiguous()
-                context = context.view(*context.size()[:-2], attn.all_head_size)
+                context = merge_heads(cross(query, i), attn.all_head_size)
                 attn_out = layer.crossattention.output(context, self_out[0])
                 feed, chunk = layer.feed_forward_chunk, layer.chunk_size_feed_forward
                 hidden = (  # LAVIS's chunk size is 0 (one chunk): skip the per-call signature check

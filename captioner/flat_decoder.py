@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FlatDecoder"]
+__all__ = ["FlatDecoder", "merge_heads"]
 
 Linear = tuple[Any, Any]  # (weight, bias) as F.linear takes them
 Norm = tuple[tuple[int, ...], Any, Any, float]  # (shape, weight, bias, eps) as F.layer_norm
@@ -156,13 +156,13 @@ class FlatDecoder:
             scores = torch.matmul(query, key.transpose(-1, -2))
             scores = scores / math.sqrt(dim)
             scores = scores + mask
-            context = _merge(torch.matmul(scores.softmax(dim=-1), value), layer.width)
+            context = merge_heads(torch.matmul(scores.softmax(dim=-1), value), layer.width)
             attended = F.linear(context, *layer.self_out) + hidden
             attended = F.layer_norm(attended, *layer.self_norm)
             # cross-attention on the image (the caller's K/V), then its BertSelfOutput
             query = F.linear(attended, *layer.cross_query)
             context = cross(_split(query, layer.cross_heads, layer.cross_dim), index)
-            context = _merge(context, layer.cross_width)
+            context = merge_heads(context, layer.cross_width)
             crossed = F.linear(context, *layer.cross_out) + attended
             crossed = F.layer_norm(crossed, *layer.cross_norm)
             # BertIntermediate + BertOutput
@@ -180,7 +180,7 @@ def _split(x: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
     return x.view(x.size()[:-1] + (heads, dim)).permute(0, 2, 1, 3)
 
 
-def _merge(context: torch.Tensor, width: int) -> torch.Tensor:
+def merge_heads(context: torch.Tensor, width: int) -> torch.Tensor:
     """(N, h, L, d) -> (N, L, h*d), contiguous, as `BertSelfAttention` returns it."""
     context = context.permute(0, 2, 1, 3).contiguous()
     return context.view(context.size()[:-2] + (width,))
