@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from captioner.base import PROMPT_MEMO, CaptionerBase
+from captioner.flat_encoder import FlatViT, Split
 from captioner.spec import ModelSpec
 from captioner.token_text import batch_text
 from captioning.errors import InvalidOption
@@ -63,7 +64,13 @@ class BlipCaptioner(CaptionerBase):
         # Every request checks its options against the prompt's tokens, on the request thread
         # and again in the batch: tokenizing it each time was 40 % of a cached request's CPU.
         self._prompt_row = functools.lru_cache(maxsize=PROMPT_MEMO)(self._tokenize_prompt)
+        #: The ViT's attention maps are materialised on a CPU (fp32, or the stock decoder).
+        self.maps_on_cpu = self.device.startswith("cpu") and not (
+            decode == "fast" and precision != "fp32"  # fast_decode.optimize_model: no maps
+        )
         self.encoder_chunk = self._encoder_chunk()
+        #: The flat ViT's split per thread count (FlatViT.split: what is bit-identical here).
+        self._vit_splits: dict[int, Split] = {}
         #: The attention kernels of low-precision runs, chosen for this machine (cpu_attention).
         self.attention = self._choose_attention()
         #: Linear layers on oneDNN-packed weights (bf16 on a CPU where that is faster).
@@ -101,11 +108,10 @@ class BlipCaptioner(CaptionerBase):
         return captioner
 
     def _encoder_chunk(self) -> int:
-        """Images per ViT call: all of them on a GPU or with fused attention, a token budget's
-        worth on a CPU where the attention maps are materialised (see CPU_ENCODER_TOKENS)."""
-        # fast_decode.optimize_model: no batch-wide attention maps in bf16/fp16
-        unmapped = self.decode == "fast" and self.precision != "fp32"
-        if not self.device.startswith("cpu") or unmapped:
+        """Images per ViT module call: all of them on a GPU or with fused attention, a token
+        budget's worth on a CPU where the attention maps are materialised (CPU_ENCODER_TOKENS;
+        there `encode` runs the flat ViT instead where it can)."""
+        if not self.maps_on_cpu:
             return 1 << 30
         patches = getattr(getattr(self.model.visual_encoder, "patch_embed", None), "num_patches", 0)
         return max(1, CPU_ENCODER_TOKENS // (int(patches) + 1))
@@ -160,8 +166,18 @@ class BlipCaptioner(CaptionerBase):
         )
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The ViT's image embeddings, `encoder_chunk` images per call (see CPU_ENCODER_TOKENS);
-        each image's embedding does not depend on the others in its call."""
+        """The ViT's image embeddings. Where its attention maps are materialised on a CPU, the
+        flat ViT (flat_encoder.py: several images per linear layer where that is bit-identical
+        here, one per map); else the modules, `encoder_chunk` images per call. Each image's
+        embedding does not depend on the others in its call."""
+        if self.maps_on_cpu:
+            flat = FlatViT.build(self.model.visual_encoder, low_precision=self.precision != "fp32")
+            if flat is not None:
+                threads = self._torch.get_num_threads()
+                if threads not in self._vit_splits:  # checked once per thread count
+                    self._vit_splits[threads] = flat.split()
+                    log.info("flat ViT: %s with %d threads", self._vit_splits[threads], threads)
+                return flat.forward(pixels, self._vit_splits[threads])
         step = self.encoder_chunk
         if len(pixels) <= step:
             return self.model.forward_encoder({"image": pixels})

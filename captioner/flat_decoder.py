@@ -27,13 +27,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from captioner.plain import Linear, Norm, plain_modules
+from captioner.plain import linear_args as _linear
+from captioner.plain import norm_args as _norm
+
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["FlatDecoder", "merge_heads"]
 
-Linear = tuple[Any, Any]  # (weight, bias) as F.linear takes them
-Norm = tuple[tuple[int, ...], Any, Any, float]  # (shape, weight, bias, eps) as F.layer_norm
 #: (query heads (N, h, L, d), layer index) -> the cross-attention context (N, h, L, d)
 CrossContext = Callable[[Any, int], Any]
 
@@ -186,14 +188,6 @@ def merge_heads(context: torch.Tensor, width: int) -> torch.Tensor:
     return context.view(context.size()[:-2] + (width,))
 
 
-def _linear(module: Any) -> Linear:
-    return (module.weight, module.bias)
-
-
-def _norm(module: Any) -> Norm:
-    return (tuple(module.normalized_shape), module.weight, module.bias, float(module.eps))
-
-
 def _activation(fn: Any) -> Callable[[Any], Any]:
     """The activation's own function where it is a thin module over one (Hugging Face's
     `GELUActivation` calls `F.gelu`); else the callable itself (the same arithmetic)."""
@@ -210,26 +204,12 @@ def _leaves() -> tuple[type, ...]:
 
 
 def _plain(decoder: Any) -> bool:
-    """A stock LAVIS BLIP decoder in eval mode: every module in eval mode, running its class's
-    forward without hooks, and every weight read here held by a plain torch Linear, LayerNorm
-    or Embedding (not a subclass: a LoRA or fused variant computes something else)."""
-    import torch
-
+    """A stock LAVIS BLIP decoder in eval mode (plain.plain_modules: unhooked, unpatched, plain
+    torch Linear, LayerNorm and Embedding) with absolute positions and no feed-forward chunking."""
     bert = getattr(decoder, "bert", None)
     if bert is None or getattr(decoder, "cls", None) is None:
         return False
-    leaves = _leaves()
-    for module in decoder.modules():
-        if module.training or "forward" in module.__dict__:
-            return False  # dropout on, or packed linear layers / another per-instance patch
-        if module._forward_hooks or module._forward_pre_hooks:
-            return False
-        if isinstance(module, leaves) and type(module) not in leaves:
-            return False
-    hooks = torch.nn.modules.module
-    if getattr(hooks, "_global_forward_hooks", None) or getattr(
-        hooks, "_global_forward_pre_hooks", None
-    ):
+    if not plain_modules(decoder, _leaves()):
         return False
     emb = bert.embeddings
     if getattr(emb, "position_embedding_type", "absolute") != "absolute":

@@ -1,0 +1,273 @@
+"""The BLIP ViT as plain tensor calls: linear layers over two images' tokens, attention per image.
+
+LAVIS's ViT (`lavis.models.vit`) computes attention with materialised maps, heads x tokens x
+tokens floats per image and layer: 21 MB for ViT-L/16 at 384 px (577 tokens). Two images per call
+make a 42 MB map, above glibc's largest mmap threshold (32 MiB, malloc_tuning.py), so every
+attention op of every layer gets fresh pages from the kernel: the service encoded one image per
+call (`CPU_ENCODER_TOKENS`), and its linear layers worked on 577 rows, where this machine's
+matrix products run below their best rate (docs/performance.md: 231-299 GFLOP/s against 287-313
+at 1,154 rows, on the Intel Xeon of the CPU table).
+
+`FlatViT` runs the same ATen calls as the modules (`F.layer_norm`, `F.linear`, `matmul`,
+`softmax`, the activation) but splits the two parts (a `Split`): norms, linear layers and the MLP
+take up to `ROWS` tokens per call (two ViT-L images), the attention only as many images as keep
+their maps within `MAP_BYTES` (one ViT-L image; a whole batch of the tiny model). The patch
+embedding (a convolution) takes one image per call, as stock does.
+
+Stock LAVIS encodes one image per call, and fp32 captions must stay stock's. A matrix product's
+rows do not always come out the same whatever the other rows: MKL chooses its kernel and its
+split between threads by shape (measured here: a 1024 x 3072 product differs in the last bit
+for some row counts, 64 or 111, and not for 577 or 1154). So `FlatViT.split` tries the wanted
+split once on this model's own shapes, threads and dtype, every linear layer (with its
+activation) and an attention, and takes one image per call where any result differs from one
+image per call; `BlipCaptioner` keeps the answer per thread count. Where the scale is a power of
+two (head size 64: 1/8), it is applied to the queries before their product with the keys instead
+of to the scores after it: scaling by a power of two is exact, so the result is the same bit for
+bit, on a 64th of the numbers (tests/test_flat_encoder.py).
+
+Only a plain LAVIS ViT is flattened (plain.py: eval mode, no hooks or patched forwards, plain
+torch Linear and LayerNorm; LAVIS's own Block, Attention and Mlp classes). Two patches are known
+to run LAVIS's own code and are allowed: fairscale's gradient-checkpoint wrapper (on the last
+blocks of large_coco) and, in fp32 (`low_precision=False`), fast_decode.optimize_model's
+attention. `build` returns None otherwise, and the modules run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from captioner.plain import Linear, Norm, linear_args, norm_args, plain_modules
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MAP_BYTES", "ROWS", "FlatViT", "Split"]
+
+#: Tokens per call of the norms, linear layers and MLP: two ViT-L/16 images at 384 px (577
+#: tokens each). Measured faster than one or three per call (docs/performance.md); at three, the
+#: MLP's two 28 MB activations are freed together and the heap is trimmed and faulted back.
+ROWS = 1280
+#: Attention maps per call at most: below malloc's 32 MiB mmap threshold, so they are reused.
+MAP_BYTES = 24 << 20
+
+_VIT = "lavis.models.vit"
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images per call of the linear layers (`rows`) and per attention map (`maps`)."""
+
+    rows: int = 1
+    maps: int = 1
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One LAVIS `Block`'s weights: attention (qkv, heads, scale, proj) and MLP."""
+
+    norm1: Norm
+    qkv: Linear
+    heads: int
+    scale: float
+    queries_first: bool  # scale exact as a power of two: applied to the queries
+    proj: Linear
+    norm2: Norm
+    fc1: Linear
+    act: Callable[[Any], Any]
+    fc2: Linear
+
+
+@dataclass(frozen=True)
+class FlatViT:
+    """A LAVIS `VisionTransformer`'s weights, laid out for `forward`. Holds references."""
+
+    patch_embed: Callable[[Any], Any]
+    cls_token: Any
+    pos_embed: Any
+    blocks: tuple[_Block, ...]
+    norm: Norm
+
+    @classmethod
+    def build(cls, vit: Any, *, low_precision: bool = False) -> FlatViT | None:
+        """The flat form of `vit` (LAVIS's ViT encoder), or None where it is not a plain one.
+        `low_precision`: the ViT runs in bf16/fp16 or under autocast (then fast_decode's patched
+        attention would use its own kernel, and the modules must run)."""
+        if not _plain(vit, low_precision=low_precision):
+            return None
+        blocks = tuple(
+            _Block(
+                norm1=norm_args(block.norm1),
+                qkv=linear_args(block.attn.qkv),
+                heads=int(block.attn.num_heads),
+                scale=float(block.attn.scale),
+                queries_first=math.frexp(float(block.attn.scale))[0] == 0.5,
+                proj=linear_args(block.attn.proj),
+                norm2=norm_args(block.norm2),
+                fc1=linear_args(block.mlp.fc1),
+                act=block.mlp.act,
+                fc2=linear_args(block.mlp.fc2),
+            )
+            for block in vit.blocks
+        )
+        return cls(
+            patch_embed=vit.patch_embed,
+            cls_token=vit.cls_token,
+            pos_embed=vit.pos_embed,
+            blocks=blocks,
+            norm=norm_args(vit.norm),
+        )
+
+    @property
+    def tokens(self) -> int:
+        return int(self.pos_embed.shape[1])
+
+    def wanted(self) -> Split:
+        """`ROWS` tokens per linear call, `MAP_BYTES` of maps per attention call."""
+        block = self.blocks[0]
+        item = self.pos_embed.element_size()
+        per_image = block.heads * self.tokens * self.tokens * item
+        return Split(rows=max(1, ROWS // self.tokens), maps=max(1, MAP_BYTES // per_image))
+
+    def split(self, wanted: Split | None = None) -> Split:
+        """`wanted` (default `self.wanted()`) where every linear layer of a block, with its
+        activation, and its attention give each image's rows bit for bit as one image per call
+        does, on this machine's kernels and threads; else one image per call."""
+        want = wanted or self.wanted()
+        if want == Split() or self._agrees(want):
+            return want
+        log.info("flat ViT: %s differs from one image per call here; one per call", want)
+        return Split()
+
+    def forward(self, pixels: torch.Tensor, split: Split | None = None) -> torch.Tensor:
+        """`VisionTransformer.forward(pixels)`: the image embeddings (B, tokens, width), at
+        `split` (default: one image per call)."""
+        import torch
+
+        rows, maps = (split.rows, split.maps) if split else (1, 1)
+        if len(pixels) <= rows:
+            return self._forward(pixels, maps)
+        return torch.cat(
+            [self._forward(pixels[i : i + rows], maps) for i in range(0, len(pixels), rows)]
+        )
+
+    def _forward(self, pixels: torch.Tensor, maps: int) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
+        count = pixels.shape[0]
+        x = torch.cat([self.patch_embed(pixels[i : i + 1]) for i in range(count)])
+        x = torch.cat((self.cls_token.expand(count, -1, -1), x), dim=1)
+        x = x + self.pos_embed[:, : x.size(1), :]  # pos_drop, drop_path: identity in eval
+        for block in self.blocks:
+            h = F.layer_norm(x, *block.norm1)
+            x = x + F.linear(self._attention(F.linear(h, *block.qkv), block, maps), *block.proj)
+            inner = block.act(F.linear(F.layer_norm(x, *block.norm2), *block.fc1))
+            x = x + F.linear(inner, *block.fc2)
+        return F.layer_norm(x, *self.norm)
+
+    @staticmethod
+    def _attention(qkv: torch.Tensor, block: _Block, maps: int) -> torch.Tensor:
+        """LAVIS `Attention.forward` from its qkv product to before `proj`, `maps` images'
+        attention maps at a time."""
+        import torch
+
+        count, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        heads = block.heads
+        qkv = qkv.reshape(count, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv[0], qkv[1], qkv[2]
+        parts = []
+        for i in range(0, count, maps):
+            q, k = query[i : i + maps], key[i : i + maps]
+            if block.queries_first:
+                scores = (q * block.scale) @ k.transpose(-2, -1)
+            else:
+                scores = (q @ k.transpose(-2, -1)) * block.scale
+            weights = scores.softmax(dim=-1)  # attn_drop: identity in eval
+            context = weights @ value[i : i + maps]
+            parts.append(context.transpose(1, 2).reshape(-1, length, width))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _agrees(self, split: Split) -> bool:
+        """One block's products at `split` against one image per call, on random inputs of the
+        model's shapes and dtype (a kernel's choice depends on shapes and threads, not data)."""
+        import torch
+        import torch.nn.functional as F
+
+        block, tokens = self.blocks[0], self.tokens
+        dtype = self.pos_embed.dtype
+        rng = torch.Generator().manual_seed(0)
+
+        def alike(count: int, width: int) -> torch.Tensor:
+            return torch.randn(count, tokens, width, generator=rng).to(dtype)
+
+        def per_image(f: Callable[[Any], Any], x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([f(x[i : i + 1]) for i in range(len(x))])
+
+        width = int(block.qkv[0].shape[1])
+        checks: list[tuple[Callable[[Any], Any], Any]] = [
+            (lambda x: F.linear(x, *block.qkv), alike(split.rows, width)),
+            (lambda x: F.linear(x, *block.proj), alike(split.rows, width)),
+            (lambda x: block.act(F.linear(x, *block.fc1)), alike(split.rows, width)),
+            (lambda x: F.linear(x, *block.fc2), alike(split.rows, int(block.fc2[0].shape[1]))),
+        ]
+        with torch.inference_mode():
+            for f, x in checks:
+                if not torch.equal(f(x), per_image(f, x)):
+                    return False
+            x = alike(split.maps, 3 * width)
+            together = self._attention(x, block, split.maps)
+            return torch.equal(together, per_image(lambda y: self._attention(y, block, 1), x))
+
+
+def _plain(vit: Any, *, low_precision: bool) -> bool:
+    """LAVIS's own ViT classes in eval mode, unhooked and unpatched (plain.plain_modules), but
+    for the instance forwards that run their class's own code (`_own_code`)."""
+    import torch
+
+    if type(vit).__module__ != _VIT or not hasattr(vit, "blocks") or not hasattr(vit, "norm"):
+        return False
+    if type(vit.norm) is not torch.nn.LayerNorm:
+        return False
+    known = []
+    for block in vit.blocks:
+        parts = {"Block": block, "Attention": getattr(block, "attn", None)}
+        parts["Mlp"] = getattr(block, "mlp", None)
+        if any(type(p).__module__ != _VIT or type(p).__name__ != n for n, p in parts.items()):
+            return False  # a subclass, or another ViT
+        if any(type(n) is not torch.nn.LayerNorm for n in (block.norm1, block.norm2)):
+            return False
+        for part in (block.attn, block.mlp):
+            if "forward" in part.__dict__:
+                if not _own_code(part, low_precision=low_precision):
+                    return False
+                known.append(part)
+    return plain_modules(vit, (torch.nn.Linear, torch.nn.LayerNorm), patched=known)
+
+
+def _own_code(module: Any, *, low_precision: bool) -> bool:
+    """Whether `module`'s instance forward computes what its class's forward does: fairscale's
+    checkpoint wrapper (LAVIS wraps the last ViT blocks of large models: checkpointing changes
+    what is kept for a backward pass, not the values), and, in fp32, fast_decode's attention
+    patch over either (in bf16/fp16 that patch runs its own kernel)."""
+    own = module.__dict__
+    forward = own["forward"]
+    if own.get("_fast_decode_patched"):
+        if low_precision:
+            return False
+        forward = own.get("_fast_decode_saved_forward")
+        if forward is None:
+            return True
+    func, args = getattr(forward, "func", None), getattr(forward, "args", ())
+    return (
+        getattr(func, "__name__", "") == "_checkpointed_forward"
+        and getattr(func, "__module__", "").startswith("fairscale.")
+        and len(args) >= 2
+        and args[0] is type(module).forward
+        and args[1]() is module
+    )
