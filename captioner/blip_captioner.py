@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 #: attention (fused, or one image's maps at a time: cpu_attention.py) has no batch-wide maps,
 #: and there the whole batch wins (bf16: 1.47 s per image as one call, 1.91 s one per call).
 #: Small models keep whole batches (tiny-shapes: 37 tokens per image), and a GPU always takes
-#: the whole batch.
+#: the whole batch. Where the ViT is a plain LAVIS one (every model the service builds), `encode`
+#: runs flat_encoder.FlatViT instead: its linear layers take two ViT-L images per call and its
+#: attention one, so this budget is for the modules' path only.
 CPU_ENCODER_TOKENS = 1024
 
 #: Images in the decoder's cross-attention timing (cpu_attention.choose): the default
