@@ -5,7 +5,7 @@ tokens floats per image and layer: 21 MB for ViT-L/16 at 384 px (577 tokens). Tw
 make a 42 MB map, above glibc's largest mmap threshold (32 MiB, malloc_tuning.py), so every
 attention op of every layer gets fresh pages from the kernel: the service encoded one image per
 call (`CPU_ENCODER_TOKENS`), and its linear layers worked on 577 rows, where this machine's
-matrix products run below their best rate (docs/performance.md: 231-299 GFLOP/s against 287-313
+matrix products run below their best rate (docs/performance.md: 231-299 GFLOP/s against 287-310
 at 1,154 rows, on the Intel Xeon of the CPU table).
 
 `FlatViT` runs the same ATen calls as the modules (`F.layer_norm`, `F.linear`, `matmul`,
@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 __all__ = ["MAP_BYTES", "ROWS", "FlatViT", "Split"]
 
 #: Tokens per call of the norms, linear layers and MLP: two ViT-L/16 images at 384 px (577
-#: tokens each). Measured faster than one or three per call (docs/performance.md); at three, the
-#: MLP's two 28 MB activations are freed together and the heap is trimmed and faulted back.
+#: tokens each), faster here than one, three or four per call (docs/performance.md); from three
+#: on, the MLP's activations (9.5 MB per image each) near malloc's 32 MiB mmap threshold.
 ROWS = 1280
 #: Attention maps per call at most: below malloc's 32 MiB mmap threshold, so they are reused.
 MAP_BYTES = 24 << 20
