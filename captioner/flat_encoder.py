@@ -12,18 +12,18 @@ at 1,154 rows, on the Intel Xeon of the CPU table).
 `softmax`, the activation) but splits the two parts (a `Split`): norms, linear layers and the MLP
 take up to `ROWS` tokens per call (two ViT-L images), the attention only as many images as keep
 their maps within `MAP_BYTES` (one ViT-L image; a whole batch of the tiny model). The patch
-embedding (a convolution) takes one image per call, as stock does.
+embedding (a convolution) takes the linear layers' images.
 
 Stock LAVIS encodes one image per call, and fp32 captions must stay stock's. A matrix product's
 rows do not always come out the same whatever the other rows: MKL chooses its kernel and its
 split between threads by shape (measured here: a 1024 x 3072 product differs in the last bit
 for some row counts, 64 or 111, and not for 577 or 1154). So `FlatViT.split` tries the wanted
-split once on this model's own shapes, threads and dtype, every linear layer (with its
-activation) and an attention, and takes one image per call where any result differs from one
-image per call; `BlipCaptioner` keeps the answer per thread count. Where the scale is a power of
-two (head size 64: 1/8), it is applied to the queries before their product with the keys instead
-of to the scores after it: scaling by a power of two is exact, so the result is the same bit for
-bit, on a 64th of the numbers (tests/test_flat_encoder.py).
+split once on this model's own shapes, threads and dtype (the patch embedding, every linear
+layer with its activation, an attention) and takes one image per call where any result differs
+from one image per call; `BlipCaptioner` keeps the answer per thread count. Where the scale is
+a power of two (head size 64: 1/8), it is applied to the queries before their product with the
+keys instead of to the scores after it: scaling by a power of two is exact, so the result is the
+same bit for bit, on a 64th of the numbers (tests/test_flat_encoder.py).
 
 Only a plain LAVIS ViT is flattened (plain.py: eval mode, no hooks or patched forwards, plain
 torch Linear and LayerNorm; LAVIS's own Block, Attention and Mlp classes). Two patches are known
@@ -88,6 +88,7 @@ class FlatViT:
     """A LAVIS `VisionTransformer`'s weights, laid out for `forward`. Holds references."""
 
     patch_embed: Callable[[Any], Any]
+    image_shape: tuple[int, ...]  # (channels, height, width) the patch embedding takes
     cls_token: Any
     pos_embed: Any
     blocks: tuple[_Block, ...]
@@ -115,8 +116,10 @@ class FlatViT:
             )
             for block in vit.blocks
         )
+        embed = vit.patch_embed
         return cls(
-            patch_embed=vit.patch_embed,
+            patch_embed=embed,
+            image_shape=(int(embed.proj.in_channels), *map(int, embed.img_size)),
             cls_token=vit.cls_token,
             pos_embed=vit.pos_embed,
             blocks=blocks,
@@ -161,7 +164,7 @@ class FlatViT:
         import torch.nn.functional as F
 
         count = pixels.shape[0]
-        x = torch.cat([self.patch_embed(pixels[i : i + 1]) for i in range(count)])
+        x = self.patch_embed(pixels)
         x = torch.cat((self.cls_token.expand(count, -1, -1), x), dim=1)
         x = x + self.pos_embed[:, : x.size(1), :]  # pos_drop, drop_path: identity in eval
         for block in self.blocks:
@@ -194,8 +197,9 @@ class FlatViT:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _agrees(self, split: Split) -> bool:
-        """One block's products at `split` against one image per call, on random inputs of the
-        model's shapes and dtype (a kernel's choice depends on shapes and threads, not data)."""
+        """The patch embedding and one block's products at `split` against one image per call,
+        on random inputs of the model's shapes and dtype (a kernel's choice depends on shapes
+        and threads, not data)."""
         import torch
         import torch.nn.functional as F
 
@@ -216,6 +220,8 @@ class FlatViT:
             (lambda x: block.act(F.linear(x, *block.fc1)), alike(split.rows, width)),
             (lambda x: F.linear(x, *block.fc2), alike(split.rows, int(block.fc2[0].shape[1]))),
         ]
+        pixels = torch.randn(split.rows, *self.image_shape, generator=rng).to(dtype)
+        checks.append((self.patch_embed, pixels))
         with torch.inference_mode():
             for f, x in checks:
                 if not torch.equal(f(x), per_image(f, x)):
@@ -234,6 +240,9 @@ def _plain(vit: Any, *, low_precision: bool) -> bool:
         return False
     if type(vit.norm) is not torch.nn.LayerNorm:
         return False
+    embed = getattr(vit, "patch_embed", None)
+    if not hasattr(embed, "img_size") or type(getattr(embed, "proj", None)) is not torch.nn.Conv2d:
+        return False  # timm's PatchEmbed, as LAVIS builds it
     known = []
     for block in vit.blocks:
         parts = {"Block": block, "Attention": getattr(block, "attn", None)}

@@ -68,8 +68,8 @@ def test_flat_vit_is_the_modules_bit_for_bit(
 def test_split_wanted_and_checked(tiny_captioner: Any) -> None:
     """ViT-L/16 at 384 px: two images per linear call, one per map; the tiny model: a batch in
     both. `split` keeps the wanted split only where it is bit-identical to one image per call:
-    an activation that mixes rows (a stand-in for a kernel that splits rows differently) falls
-    back to one image per call."""
+    an activation or a patch embedding that mixes images (stand-ins for a kernel that splits
+    rows differently) falls back to one image per call."""
     import dataclasses
 
     import torch
@@ -91,6 +91,9 @@ def test_split_wanted_and_checked(tiny_captioner: Any) -> None:
     )
     assert mixing.split(Split(8, 8)) == Split()
     assert mixing.split(Split()) == Split()
+    embed = flat.patch_embed
+    mixed_embed = dataclasses.replace(flat, patch_embed=lambda x: embed(x) - embed(x).mean())
+    assert mixed_embed.split(Split(8, 1)) == Split()
 
 
 def test_queries_first_only_where_it_is_exact(
