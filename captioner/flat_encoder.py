@@ -23,7 +23,8 @@ layer with its activation, an attention) and takes one image per call where any 
 from one image per call; `BlipCaptioner` keeps the answer per thread count. Where the scale is
 a power of two (head size 64: 1/8), it is applied to the queries before their product with the
 keys instead of to the scores after it: scaling by a power of two is exact, so the result is the
-same bit for bit, on a 64th of the numbers (tests/test_flat_encoder.py).
+same bit for bit, on a ninth of the numbers (ViT-L: 64 per row against 577;
+tests/test_flat_encoder.py).
 
 Only a plain LAVIS ViT is flattened (plain.py: eval mode, no hooks or patched forwards, plain
 torch Linear and LayerNorm; LAVIS's own Block, Attention and Mlp classes). Two patches are known
