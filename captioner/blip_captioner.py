@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from captioner.base import PROMPT_MEMO, CaptionerBase
-from captioner.flat_encoder import FlatViT, Split
+from captioner.flat_encoder import FlatViT, SplitPlanner
 from captioner.spec import ModelSpec
 from captioner.token_text import batch_text
 from captioning.errors import InvalidOption
@@ -71,8 +71,12 @@ class BlipCaptioner(CaptionerBase):
             decode == "fast" and precision != "fp32"  # fast_decode.optimize_model: no maps
         )
         self.encoder_chunk = self._encoder_chunk()
-        #: The flat ViT's split per thread count (FlatViT.split: what is bit-identical here).
-        self._vit_splits: dict[int, Split] = {}
+        #: What the flat ViT may put in one call here (bit-identical to one image per call).
+        self._vit_planner = SplitPlanner()
+        #: The model's `forward_encoder` is LAVIS's (the flat ViT stands in for what it calls).
+        self._lavis_encoder = getattr(
+            getattr(type(model), "forward_encoder", None), "__module__", ""
+        ).startswith("lavis.")
         #: The attention kernels of low-precision runs, chosen for this machine (cpu_attention).
         self.attention = self._choose_attention()
         #: Linear layers on oneDNN-packed weights (bf16 on a CPU where that is faster).
@@ -172,14 +176,11 @@ class BlipCaptioner(CaptionerBase):
         flat ViT (flat_encoder.py: several images per linear layer where that is bit-identical
         here, one per map); else the modules, `encoder_chunk` images per call. Each image's
         embedding does not depend on the others in its call."""
-        if self.maps_on_cpu:
-            flat = FlatViT.build(self.model.visual_encoder, low_precision=self.precision != "fp32")
-            if flat is not None:
-                threads = self._torch.get_num_threads()
-                if threads not in self._vit_splits:  # checked once per thread count
-                    self._vit_splits[threads] = flat.split()
-                    log.info("flat ViT: %s with %d threads", self._vit_splits[threads], threads)
-                return flat.forward(pixels, self._vit_splits[threads])
+        if self.maps_on_cpu and self._lavis_encoder:
+            flat = FlatViT.build(self.model.visual_encoder)
+            split = self._vit_planner.plan(flat, len(pixels)) if flat is not None else None
+            if flat is not None and split is not None:
+                return flat.forward(pixels, split)
         step = self.encoder_chunk
         if len(pixels) <= step:
             return self.model.forward_encoder({"image": pixels})

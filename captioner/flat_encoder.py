@@ -17,26 +17,30 @@ embedding (a convolution) takes the linear layers' images.
 Stock LAVIS encodes one image per call, and fp32 captions must stay stock's. A matrix product's
 rows do not always come out the same whatever the other rows: MKL chooses its kernel and its
 split between threads by shape (measured here: a 1024 x 3072 product differs in the last bit
-for some row counts, 64 or 111, and not for 577 or 1154). So `FlatViT.split` tries the wanted
-split once on this model's own shapes, threads and dtype (the patch embedding, every linear
-layer with its activation, an attention) and takes one image per call where any result differs
-from one image per call; `BlipCaptioner` keeps the answer per thread count. Where the scale is
-a power of two (head size 64: 1/8), it is applied to the queries before their product with the
-keys instead of to the scores after it: scaling by a power of two is exact, so the result is the
-same bit for bit, on a ninth of the numbers (ViT-L: 64 per row against 577;
-tests/test_flat_encoder.py).
+for some row counts, 64 or 111, and not for 577 or 1154). So nothing is assumed: a
+`SplitPlanner` (one per captioner) asks once per thread count, dtype and call size, on the
+model's own weights and random inputs, whether that many images in one call (the patch
+embedding, each linear layer with its activation; an attention) give each image's results bit
+for bit as one image per call does, and uses one image per call where any differs; and whether
+the flat block is the modules' block on one image, else the modules run. Where the scale is a
+power of two (head size 64: 1/8) and the dtype fp32 or bf16, it is applied to the queries before
+their product with the keys instead of to the scores after it: scaling by a power of two is
+exact, so the result is the same bit for bit, on a ninth of the numbers (ViT-L: 64 per row
+against 577; tests/test_flat_encoder.py).
 
 Only a plain LAVIS ViT is flattened (plain.py: eval mode, no hooks or patched forwards, plain
-torch Linear and LayerNorm; LAVIS's own Block, Attention and Mlp classes). Two patches are known
-to run LAVIS's own code and are allowed: fairscale's gradient-checkpoint wrapper (on the last
-blocks of large_coco) and, in fp32 (`low_precision=False`), fast_decode.optimize_model's
-attention. `build` returns None otherwise, and the modules run.
+torch Linear and LayerNorm; LAVIS's own Block, Attention and Mlp classes with their own forward
+functions). Two patches are known to run LAVIS's own code and are allowed: fairscale's
+gradient-checkpoint wrapper (on the last blocks of large_coco) and, in fp32 without autocast,
+fast_decode.optimize_model's attention. `build` returns None otherwise, and the modules run.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -48,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAP_BYTES", "ROWS", "FlatViT", "Split"]
+__all__ = ["MAP_BYTES", "ROWS", "FlatViT", "Split", "SplitPlanner"]
 
 #: Tokens per call of the norms, linear layers and MLP: two ViT-L/16 images at 384 px (577
 #: tokens each), faster here than one, three or four per call (docs/performance.md); from three
@@ -88,6 +92,7 @@ class _Block:
 class FlatViT:
     """A LAVIS `VisionTransformer`'s weights, laid out for `forward`. Holds references."""
 
+    vit: Any  # the modules: the reference `matches_modules` compares with
     patch_embed: Callable[[Any], Any]
     image_shape: tuple[int, ...]  # (channels, height, width) the patch embedding takes
     cls_token: Any
@@ -96,19 +101,24 @@ class FlatViT:
     norm: Norm
 
     @classmethod
-    def build(cls, vit: Any, *, low_precision: bool = False) -> FlatViT | None:
+    def build(cls, vit: Any) -> FlatViT | None:
         """The flat form of `vit` (LAVIS's ViT encoder), or None where it is not a plain one.
-        `low_precision`: the ViT runs in bf16/fp16 or under autocast (then fast_decode's patched
-        attention would use its own kernel, and the modules must run)."""
-        if not _plain(vit, low_precision=low_precision):
+        Call it where the ViT will run (under autocast, if it will be): in bf16/fp16 or under
+        autocast, fast_decode's patched attention runs its own kernel, and the modules must."""
+        import torch
+
+        dtype = vit.pos_embed.dtype
+        low = dtype != torch.float32 or torch.is_autocast_enabled(vit.pos_embed.device.type)
+        if not _plain(vit, low_precision=low):
             return None
+        exact = dtype in (torch.float32, torch.bfloat16)  # fp16: x/8 can fall below its normals
         blocks = tuple(
             _Block(
                 norm1=norm_args(block.norm1),
                 qkv=linear_args(block.attn.qkv),
                 heads=int(block.attn.num_heads),
                 scale=float(block.attn.scale),
-                queries_first=math.frexp(float(block.attn.scale))[0] == 0.5,
+                queries_first=exact and math.frexp(float(block.attn.scale))[0] == 0.5,
                 proj=linear_args(block.attn.proj),
                 norm2=norm_args(block.norm2),
                 fc1=linear_args(block.mlp.fc1),
@@ -119,6 +129,7 @@ class FlatViT:
         )
         embed = vit.patch_embed
         return cls(
+            vit=vit,
             patch_embed=embed,
             image_shape=(int(embed.proj.in_channels), *map(int, embed.img_size)),
             cls_token=vit.cls_token,
@@ -131,22 +142,21 @@ class FlatViT:
     def tokens(self) -> int:
         return int(self.pos_embed.shape[1])
 
-    def wanted(self) -> Split:
-        """`ROWS` tokens per linear call, `MAP_BYTES` of maps per attention call."""
+    def wanted(self, count: int) -> Split:
+        """For `count` images: `ROWS` tokens per linear call, `MAP_BYTES` of maps per attention
+        call (never more images than there are)."""
         block = self.blocks[0]
-        item = self.pos_embed.element_size()
-        per_image = block.heads * self.tokens * self.tokens * item
-        return Split(rows=max(1, ROWS // self.tokens), maps=max(1, MAP_BYTES // per_image))
+        per_image = block.heads * self.tokens * self.tokens * self.pos_embed.element_size()
+        rows = max(1, min(ROWS // self.tokens, count))
+        return Split(rows=rows, maps=max(1, min(MAP_BYTES // per_image, rows)))
 
-    def split(self, wanted: Split | None = None) -> Split:
-        """`wanted` (default `self.wanted()`) where every linear layer of a block, with its
-        activation, and its attention give each image's rows bit for bit as one image per call
-        does, on this machine's kernels and threads; else one image per call."""
-        want = wanted or self.wanted()
-        if want == Split() or self._agrees(want):
-            return want
-        log.info("flat ViT: %s differs from one image per call here; one per call", want)
-        return Split()
+    @staticmethod
+    def sizes(count: int, split: Split) -> set[tuple[str, int]]:
+        """Every call size above one image that `forward(count images, split)` makes: ("rows",
+        n) for the patch embedding and linear layers, ("maps", n) for the attention."""
+        chunks = {min(split.rows, count), count % split.rows}
+        groups = {g for c in chunks if c for g in (min(split.maps, c), c % split.maps)}
+        return {("rows", n) for n in chunks if n > 1} | {("maps", n) for n in groups if n > 1}
 
     def forward(self, pixels: torch.Tensor, split: Split | None = None) -> torch.Tensor:
         """`VisionTransformer.forward(pixels)`: the image embeddings (B, tokens, width), at
@@ -169,11 +179,17 @@ class FlatViT:
         x = torch.cat((self.cls_token.expand(count, -1, -1), x), dim=1)
         x = x + self.pos_embed[:, : x.size(1), :]  # pos_drop, drop_path: identity in eval
         for block in self.blocks:
-            h = F.layer_norm(x, *block.norm1)
-            x = x + F.linear(self._attention(F.linear(h, *block.qkv), block, maps), *block.proj)
-            inner = block.act(F.linear(F.layer_norm(x, *block.norm2), *block.fc1))
-            x = x + F.linear(inner, *block.fc2)
+            x = self._block(x, block, maps)
         return F.layer_norm(x, *self.norm)
+
+    def _block(self, x: torch.Tensor, block: _Block, maps: int) -> torch.Tensor:
+        """LAVIS `Block.forward` (drop_path: identity in eval)."""
+        import torch.nn.functional as F
+
+        h = F.layer_norm(x, *block.norm1)
+        x = x + F.linear(self._attention(F.linear(h, *block.qkv), block, maps), *block.proj)
+        inner = block.act(F.linear(F.layer_norm(x, *block.norm2), *block.fc1))
+        return x + F.linear(inner, *block.fc2)
 
     @staticmethod
     def _attention(qkv: torch.Tensor, block: _Block, maps: int) -> torch.Tensor:
@@ -197,39 +213,89 @@ class FlatViT:
             parts.append(context.transpose(1, 2).reshape(-1, length, width))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _agrees(self, split: Split) -> bool:
-        """The patch embedding and one block's products at `split` against one image per call,
-        on random inputs of the model's shapes and dtype (a kernel's choice depends on shapes
-        and threads, not data)."""
+    def _random(self, *shape: int) -> torch.Tensor:
+        import torch
+
+        rng = torch.Generator().manual_seed(sum(shape))
+        return torch.randn(*shape, generator=rng).to(self.pos_embed.dtype)
+
+    def matches_modules(self) -> bool:
+        """The first block, flat, on one image is the modules' block bit for bit (its own
+        weights, dtype, threads and kernels: the queries-first scale included)."""
+        import torch
+
+        x = self._random(1, self.tokens, int(self.blocks[0].qkv[0].shape[1]))
+        with torch.inference_mode():
+            return torch.equal(self._block(x, self.blocks[0], 1), self.vit.blocks[0](x))
+
+    def agrees(self, kind: str, count: int) -> bool:
+        """`count` images in one call give each image's results bit for bit as one image per
+        call does: "rows", the patch embedding and each linear layer of a block (fc1 with its
+        activation); "maps", its attention. Random inputs of the model's shapes and dtype (a
+        kernel's choice depends on shapes and threads, not data)."""
         import torch
         import torch.nn.functional as F
 
         block, tokens = self.blocks[0], self.tokens
-        dtype = self.pos_embed.dtype
-        rng = torch.Generator().manual_seed(0)
-
-        def alike(count: int, width: int) -> torch.Tensor:
-            return torch.randn(count, tokens, width, generator=rng).to(dtype)
-
-        def per_image(f: Callable[[Any], Any], x: torch.Tensor) -> torch.Tensor:
-            return torch.cat([f(x[i : i + 1]) for i in range(len(x))])
-
-        width = int(block.qkv[0].shape[1])
-        checks: list[tuple[Callable[[Any], Any], Any]] = [
-            (lambda x: F.linear(x, *block.qkv), alike(split.rows, width)),
-            (lambda x: F.linear(x, *block.proj), alike(split.rows, width)),
-            (lambda x: block.act(F.linear(x, *block.fc1)), alike(split.rows, width)),
-            (lambda x: F.linear(x, *block.fc2), alike(split.rows, int(block.fc2[0].shape[1]))),
-        ]
-        pixels = torch.randn(split.rows, *self.image_shape, generator=rng).to(dtype)
-        checks.append((self.patch_embed, pixels))
+        width, hidden = int(block.qkv[0].shape[1]), int(block.fc2[0].shape[1])
+        checks: list[tuple[Callable[[Any], Any], Any]]
+        if kind == "maps":
+            attend = functools.partial(self._attention, block=block)
+            x = self._random(count, tokens, 3 * width)
+            checks = [(lambda y: attend(y, maps=len(y)), x)]
+        else:
+            checks = [
+                (self.patch_embed, self._random(count, *self.image_shape)),
+                (lambda y: F.linear(y, *block.qkv), self._random(count, tokens, width)),
+                (lambda y: F.linear(y, *block.proj), self._random(count, tokens, width)),
+                (lambda y: block.act(F.linear(y, *block.fc1)), self._random(count, tokens, width)),
+                (lambda y: F.linear(y, *block.fc2), self._random(count, tokens, hidden)),
+            ]
         with torch.inference_mode():
             for f, x in checks:
-                if not torch.equal(f(x), per_image(f, x)):
+                alone = torch.cat([f(x[i : i + 1]) for i in range(count)])
+                if not torch.equal(f(x), alone):
                     return False
-            x = alike(split.maps, 3 * width)
-            together = self._attention(x, block, split.maps)
-            return torch.equal(together, per_image(lambda y: self._attention(y, block, 1), x))
+        return True
+
+
+class SplitPlanner:
+    """Which splits this machine's kernels compute bit for bit as one image per call, asked once
+    per (threads, dtype, tokens, call size) and kept; one per captioner (its model)."""
+
+    LIMIT = 1024  # distinct answers kept: call sizes are bounded by the batch size anyway
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[Any, ...], bool] = {}
+
+    def plan(self, flat: FlatViT, count: int) -> Split | None:
+        """The split for `count` images; None where the flat block differs from the modules'
+        here (then the modules run)."""
+        import torch
+
+        base = (torch.get_num_threads(), str(flat.pos_embed.dtype), flat.tokens)
+        if not self._ask(base + ("modules",), flat.matches_modules):
+            return None
+        want = flat.wanted(count)
+        for kind, n in sorted(flat.sizes(count, want)):
+            if not self._ask(base + (kind, n), functools.partial(flat.agrees, kind, n)):
+                return Split()
+        return want
+
+    def _ask(self, key: tuple[Any, ...], check: Callable[[], bool]) -> bool:
+        known = self._known.get(key)
+        if known is None:
+            if len(self._known) >= self.LIMIT:
+                self._known.clear()
+            started = time.monotonic()
+            known = self._known[key] = check()
+            log.info(
+                "flat ViT %s: %s (checked in %.2fs)",
+                key,
+                "bit-identical" if known else "differs: fewer images per call",
+                time.monotonic() - started,
+            )
+        return known
 
 
 def _plain(vit: Any, *, low_precision: bool) -> bool:
@@ -238,6 +304,8 @@ def _plain(vit: Any, *, low_precision: bool) -> bool:
     import torch
 
     if type(vit).__module__ != _VIT or not hasattr(vit, "blocks") or not hasattr(vit, "norm"):
+        return False
+    if "forward_features" in vit.__dict__ or not _lavis_code(type(vit), "forward_features"):
         return False
     if type(vit.norm) is not torch.nn.LayerNorm:
         return False
@@ -250,6 +318,8 @@ def _plain(vit: Any, *, low_precision: bool) -> bool:
         parts["Mlp"] = getattr(block, "mlp", None)
         if any(type(p).__module__ != _VIT or type(p).__name__ != n for n, p in parts.items()):
             return False  # a subclass, or another ViT
+        if not all(_lavis_code(type(p), "forward") for p in parts.values()):
+            return False  # a class patched in place
         if any(type(n) is not torch.nn.LayerNorm for n in (block.norm1, block.norm2)):
             return False
         for part in (block.attn, block.mlp):
@@ -268,8 +338,14 @@ def _own_code(module: Any, *, low_precision: bool) -> bool:
     own = module.__dict__
     forward = own["forward"]
     if own.get("_fast_decode_patched"):
-        if low_precision:
+        method = getattr(forward, "__func__", None)
+        if low_precision or getattr(forward, "__self__", None) is not module:
             return False
+        if (getattr(method, "__module__", ""), getattr(method, "__name__", "")) != (
+            "captioner.fast_decode",
+            "_vit_attention_forward",
+        ):
+            return False  # something else set over fast_decode's patch
         forward = own.get("_fast_decode_saved_forward")
         if forward is None:
             return True
@@ -277,7 +353,13 @@ def _own_code(module: Any, *, low_precision: bool) -> bool:
     return (
         getattr(func, "__name__", "") == "_checkpointed_forward"
         and getattr(func, "__module__", "").startswith("fairscale.")
-        and len(args) >= 2
+        and len(args) == 3
+        and not getattr(forward, "keywords", None)
         and args[0] is type(module).forward
         and args[1]() is module
     )
+
+
+def _lavis_code(cls: type, name: str) -> bool:
+    """`cls.name` is defined in LAVIS's vit module (not replaced on the class in place)."""
+    return getattr(getattr(cls, name, None), "__module__", "") == _VIT
