@@ -29,6 +29,17 @@ def modules_one_per_call(vit: Any, pixels: Any) -> Any:
     return torch.cat([vit.forward_features(pixels[i : i + 1]) for i in range(len(pixels))])
 
 
+def planned_flat(vit: Any, images: Any) -> Any:
+    """The flat ViT's embeddings at the split the planner allows here (both must exist)."""
+    from captioner.flat_encoder import FlatViT, SplitPlanner
+
+    flat = FlatViT.build(vit)
+    assert flat is not None
+    split = SplitPlanner().plan(flat, len(images))
+    assert split is not None
+    return flat.forward(images, split)
+
+
 @pytest.fixture(scope="module")
 def small_vit() -> Any:
     """A LAVIS ViT with head size 16 (scale exactly 1/4), random weights, in eval mode."""
@@ -295,7 +306,7 @@ def test_gradient_checkpointing_is_flattened(small_vit: Any) -> None:
     from lavis.models.vit import VisionTransformerEncoder
 
     from captioner import fast_decode
-    from captioner.flat_encoder import FlatViT, SplitPlanner
+    from captioner.flat_encoder import FlatViT
 
     wrapped = VisionTransformerEncoder(
         img_size=48, patch_size=16, embed_dim=64, depth=2, num_heads=4,
@@ -310,11 +321,7 @@ def test_gradient_checkpointing_is_flattened(small_vit: Any) -> None:
         for patched in (False, True):
             if patched:
                 fast_decode.optimize_model(wrapped)
-            flat = FlatViT.build(wrapped)
-            assert flat is not None
-            split = SplitPlanner().plan(flat, len(images))
-            assert split is not None
-            assert torch.equal(flat.forward(images, split), expected)
+            assert torch.equal(planned_flat(wrapped, images), expected)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert FlatViT.build(wrapped) is None  # fast_decode's own kernel under autocast
 
@@ -325,18 +332,14 @@ def test_fast_decode_patch_flattened_only_in_fp32(small_vit: Any) -> None:
     import torch
 
     from captioner import fast_decode
-    from captioner.flat_encoder import FlatViT, SplitPlanner
+    from captioner.flat_encoder import FlatViT
 
     vit = copy.deepcopy(small_vit)
     images = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         expected = modules_one_per_call(vit, images)
         assert fast_decode.optimize_model(vit) == 2
-        flat = FlatViT.build(vit)
-        assert flat is not None
-        split = SplitPlanner().plan(flat, len(images))
-        assert split is not None
-        assert torch.equal(flat.forward(images, split), expected)
+        assert torch.equal(planned_flat(vit, images), expected)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert FlatViT.build(vit) is None
     assert FlatViT.build(copy.deepcopy(vit).to(torch.bfloat16)) is None
