@@ -122,6 +122,17 @@ def busy_neighbour(enabled: bool) -> Iterator[None]:
         proc.wait(timeout=10)
 
 
+def model_threads(base: str, timeout: float = 10.0) -> int | None:
+    """Threads the service's model runs on (TORCH_THREADS or its start-up choice), from its
+    /metrics; None where it does not say."""
+    import requests
+
+    for line in requests.get(base + "/metrics", timeout=timeout).text.splitlines():
+        if line.startswith("blip2_model_threads "):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return None
+
+
 def batch_histogram(base: str, timeout: float = 10.0) -> dict[str, int]:
     """Batches run by batch-size bucket (`le`), from the service's /metrics (cumulative counts
     turned into per-bucket counts)."""

@@ -40,6 +40,7 @@ from bench_support import (  # noqa: E402
     busy_neighbour,
     describe,
     machine,
+    model_threads,
     parse_variant,
     tiny_shapes_pngs,
     variant_env,
@@ -162,6 +163,7 @@ def measure(args: argparse.Namespace, label: str, extra: dict[str, str]) -> dict
         proc, base = start_service(Path(tmp), extra)
         try:
             interactive(base, probes, 10)  # warm-up
+            threads = model_threads(base)
             idle = interactive(base, probes, args.requests)
             files = [("file", (f"{i:05d}.png", d, "image/png")) for i, d in enumerate(job_images)]
             resp = requests.post(base + "/v3/jobs", files=files, timeout=300)
@@ -195,7 +197,10 @@ def measure(args: argparse.Namespace, label: str, extra: dict[str, str]) -> dict
     info = machine()
     idle_p50, busy_p50 = statistics.median(idle), statistics.median(busy)
     ratio = busy_p50 / idle_p50
-    print(f"variant {label}: {extra or 'the default environment'}; {describe(info)}")
+    print(
+        f"variant {label}: {extra or 'the default environment'}; model threads: {threads}; "
+        f"{describe(info)}"
+    )
     print(f"job: {args.job_images} images; interactive: 1 client, {args.requests} requests/phase")
     print(f"{'phase':<8}{'requests':>10}{'p50 ms':>10}{'p95 ms':>10}")
     for name, values in (("idle", idle), ("busy", busy)):
@@ -209,6 +214,7 @@ def measure(args: argparse.Namespace, label: str, extra: dict[str, str]) -> dict
     result = {
         "variant": label,
         "env": extra,
+        "model_threads": threads,
         "neighbour": args.neighbour,
         "idle_p50_ms": round(idle_p50 * 1000, 1),
         "idle_p95_ms": round(pct(idle, 0.95) * 1000, 1),

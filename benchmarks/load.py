@@ -49,6 +49,7 @@ from bench_support import (  # noqa: E402
     cpu_counters,
     describe,
     machine,
+    model_threads,
     parse_variant,
     steal_share,
     tiny_shapes_pngs,
@@ -303,6 +304,7 @@ def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
 
     results: dict[str, Run] = {}
     histograms: dict[str, dict[str, int]] = {}
+    threads: dict[str, int | None] = {}  # what each of our servers' model runs on
     ours_port = free_port()
     send = post_raw if args.raw else post
     ours_env = {
@@ -329,6 +331,7 @@ def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
             ours_device = report_device(name, ours_base, args.device)
             drive("warm-up", ours_base, images[:2], 2, 0.1, timeout)
             warm = batch_histogram(ours_base)
+            threads[name] = model_threads(ours_base)
             results[name] = drive(
                 name, ours_base, images, args.clients, args.duration, timeout, send
             )
@@ -383,7 +386,7 @@ def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
         f"precision (ours): {args.precision}, images: {args.images}, device (ours): {ours_device}"
     )
     for name, hist in histograms.items():
-        print(f"{name} batch sizes (from /metrics): {hist}")
+        print(f"{name} batch sizes (from /metrics): {hist}; model threads: {threads.get(name)}")
     print(f"{'server':<10}{'ok':>6}{'req/s':>10}{'p50 s':>10}{'p95 s':>10}{'steal %':>9}  errors")
     for run in results.values():
         print(
@@ -409,6 +412,7 @@ def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
         if name.startswith("ours:"):
             summary[f"{name}_rps"] = round(run.throughput, 4)
             summary[f"{name}_vs_first"] = round(run.throughput / ours.throughput, 3)
+    summary |= {f"{name}_threads": n for name, n in threads.items()}
     for name, run in results.items():
         if run.steal is not None:
             summary[f"{name}_steal"] = round(run.steal, 4)

@@ -65,6 +65,8 @@ class CaptionModel(Protocol):
 
     def choose_threads(self, batch: int = 1) -> int: ...
 
+    def threads(self) -> int: ...
+
 
 class CaptionerBase(ABC):
     """The family-independent half of a captioner: cast, prepare, batch, warm up, describe."""
@@ -165,3 +167,8 @@ class CaptionerBase(ABC):
         from cpu_threads import choose_threads
 
         return choose_threads(self, batch)
+
+    def threads(self) -> int:
+        """Threads the model's CPU ops use when called from this thread (the setting is per
+        OpenMP thread: ask on the thread that runs the model)."""
+        return int(self._torch.get_num_threads())

@@ -186,6 +186,13 @@ class RuntimeCollector(Collector):
                 "Parameters of the loaded model.",
                 value=about["parameters"],
             )
+        if model.threads is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_model_threads",
+                "Threads the model's CPU operations run on: TORCH_THREADS, or the start-up "
+                "choice between one core and all of them.",
+                value=model.threads,
+            )
         if model.load_seconds is not None:
             yield GaugeMetricFamily(
                 f"{PREFIX}_model_load_seconds",

@@ -32,15 +32,21 @@ class ModelState:
         self.captioner: CaptionModel | None = None
         self.batcher: Batcher[Any, list[str]] | None = None
         self.load_seconds: float | None = None
+        #: Threads the model's ops use on its worker thread (TORCH_THREADS or the start-up choice).
+        self.threads: int | None = None
         self._lock = threading.Lock()
 
     def set_ready(
-        self, captioner: CaptionModel, batcher: Batcher[Any, list[str]], load_seconds: float = 0.0
+        self,
+        captioner: CaptionModel,
+        batcher: Batcher[Any, list[str]],
+        load_seconds: float = 0.0,
+        threads: int | None = None,
     ) -> None:
         with self._lock:
             self.captioner, self.batcher = captioner, batcher
             self.state, self.reason = LOADED, ""
-            self.load_seconds = load_seconds
+            self.load_seconds, self.threads = load_seconds, threads
         log.info("model %s ready on %s", captioner.name, captioner.device)
 
     def set_failed(self, reason: str) -> None:

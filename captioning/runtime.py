@@ -94,10 +94,12 @@ class Runtime:
         self.bulk.open()
         started = time.monotonic()
         loaded: list[CaptionModel] = []
+        threads: list[int] = []
 
         def load_on_worker() -> Any:  # runs on the batcher's own thread
             captioner = self._given_captioner or self._load_captioner()
             loaded.append(captioner)
+            threads.append(captioner.threads())  # the worker's own setting
             return captioner.caption_prepared
 
         batcher: Batcher[Any, list[str]] = Batcher(
@@ -118,7 +120,7 @@ class Runtime:
         if self._stopped:
             batcher.stop()
             return
-        self.model.set_ready(loaded[0], batcher, time.monotonic() - started)
+        self.model.set_ready(loaded[0], batcher, time.monotonic() - started, threads[0])
         if not self._stopped:
             self.bulk.start()
 

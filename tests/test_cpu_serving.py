@@ -330,3 +330,30 @@ def test_choose_threads_keeps_the_faster_setting(tiny_captioner) -> None:
         assert tiny_captioner.caption([image]) == reference
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("pinned", [None, "1"])
+def test_metrics_say_how_many_threads_the_model_runs_on(pinned: str | None) -> None:
+    """TORCH_THREADS, or else the start-up choice the log line reports, is on /metrics: what an
+    operator (and benchmarks/load.py, fairness.py) reads to see what the model runs on."""
+    import re
+
+    from service_process import ServiceProcess
+
+    service = ServiceProcess({"TORCH_THREADS": pinned} if pinned else {})
+    if not pinned:
+        service.env.pop("TORCH_THREADS", None)  # the default: chosen at start-up
+    try:
+        service.start()
+        text = requests.get(service.url + "/metrics", timeout=10).text
+        shown = re.search(r"^blip2_model_threads (\S+)$", text, re.MULTILINE)
+        assert shown is not None, text
+        choice = re.search(r"torch threads: (\d+) \(", service.output())
+        if pinned:
+            assert choice is None  # the operator's setting is kept: nothing is timed
+            assert float(shown.group(1)) == int(pinned)
+        else:
+            assert choice is not None, service.output()
+            assert float(shown.group(1)) == int(choice.group(1)) >= 1
+    finally:
+        service.close()

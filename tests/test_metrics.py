@@ -50,6 +50,17 @@ def post_png(base: str, data: bytes, path: str = "/v3/analyze", **params: object
     )
 
 
+def threads_of_a_new_thread() -> int:
+    """torch's thread count as a thread started now sees it (as the batcher's worker did)."""
+    import torch
+
+    seen: list[int] = []
+    worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    worker.start()
+    worker.join()
+    return seen[0]
+
+
 def test_metrics_follow_real_traffic(serve_app, base_settings) -> None:
     server = serve_app(base_settings)
     other = serve_app(base_settings)  # a second runtime in the same process
@@ -92,6 +103,7 @@ def test_metrics_follow_real_traffic(serve_app, base_settings) -> None:
     assert m.value("blip2_model_state", state="loading") == 0
     assert m.value("blip2_model_state", state="error") == 0
     assert m.value("blip2_model_load_seconds") >= 0
+    assert m.value("blip2_model_threads") == threads_of_a_new_thread()
     assert m.value("blip2_draining") == 0
     assert m.value("blip2_emoji_config_source", source="bundled") == 1  # AUTO_UPDATE=false
     assert m.value("blip2_emoji_config_source", source="remote") == 0
@@ -123,6 +135,7 @@ def test_metrics_of_a_runtime_still_loading(base_settings) -> None:
         assert m.value("blip2_model_state", state="loading") == 1
         assert m.value("blip2_model_state", state="loaded") == 0
         assert m.value("blip2_model_load_seconds") is None
+        assert m.value("blip2_model_threads") is None
         assert m.value("blip2_queue_depth") == 0
         assert m.value("blip2_queue_capacity") == base_settings.max_queue
         sources = [m.value("blip2_emoji_config_source", source=s) for s in ("remote", "bundled")]
