@@ -2,12 +2,20 @@
 
 Called once at start-up on the inference thread (torch's thread count is an OpenMP setting of the
 calling thread), when TORCH_THREADS is not set.
+
+The timing says how much the model gains from more cores only on a quiet machine: beside a busy
+neighbour every core is barely faster than one, whatever the model (measured: ViT-L started
+beside one chose one thread, and kept it after the neighbour left, where it runs 1.9x slower).
+So where other processes used the CPU while it timed, the choice goes by the model's size
+instead: every core for a model whose one image takes `BIG_MODEL_S` or more, else one.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,6 +32,12 @@ log = logging.getLogger(__name__)
 #: busy neighbour; at 1.19x (Zen 5) every core served 5 % more idle and 3 % less beside one;
 #: ViT-L (about 1.9x) needs every core. 1.5x keeps the tiny model on one thread and ViT-L on all.
 ALL_CORES_SPEEDUP = 1.5
+#: Cores' worth of CPU other processes may use while the choice is timed before the timing is
+#: not trusted (a busy neighbour is a whole core).
+BUSY_CORES = 0.25
+#: One image this slow (on every core) is a model whose ops are big enough to split: ViT-L
+#: at 384 px takes about 3 s, the tiny model a few milliseconds.
+BIG_MODEL_S = 0.25
 
 
 def choose_threads(captioner: CaptionModel, batch: int = 1) -> int:
@@ -44,9 +58,11 @@ def choose_threads(captioner: CaptionModel, batch: int = 1) -> int:
     if most <= 1 or not captioner.device.startswith("cpu"):
         return most
     image = Image.new("RGB", (captioner.spec.image_size,) * 2, (127, 127, 127))
+    others = others_cpu()
     started = time.perf_counter()
     captioner.caption([image])
-    images = [image] * (max(1, batch) if time.perf_counter() - started < 0.25 else 1)
+    one_image = time.perf_counter() - started
+    images = [image] * (max(1, batch) if one_image < BIG_MODEL_S else 1)
     best: dict[int, float] = {}
     for round_no in range(5):
         for threads in (most, 1):
@@ -57,17 +73,57 @@ def choose_threads(captioner: CaptionModel, batch: int = 1) -> int:
             best[threads] = min(best.get(threads, took), took)
         if round_no == 0 and best[most] > 0.5:
             break  # a big model: one round is clear enough, and each costs seconds
-    chosen = pick(best, most)
+    busy = others()
+    chosen = decide(best, most, busy, one_image)
     torch.set_num_threads(chosen)
     log.info(
-        "torch threads: %d (%d warm captions took %.1f ms with %d threads, %.1f ms with 1)",
+        "torch threads: %d (%d warm captions took %.1f ms with %d threads, %.1f ms with 1%s)",
         chosen,
         len(images),
         best[most] * 1e3,
         most,
         best[1] * 1e3,
+        ""
+        if busy is None or busy < BUSY_CORES
+        else f"; other processes used {busy:.2f} cores meanwhile, so chosen by the model's size",
     )
     return chosen
+
+
+def decide(best: dict[int, float], most: int, busy: float | None, one_image: float) -> int:
+    """`pick` on a quiet machine; where other processes used `BUSY_CORES` or more while it
+    was timed (`busy`: cores, None where unknown), every core for a big model, else one."""
+    if busy is not None and busy >= BUSY_CORES:
+        return most if one_image >= BIG_MODEL_S else 1
+    return pick(best, most)
+
+
+def others_cpu() -> Callable[[], float | None]:
+    """Start measuring: the returned function gives the cores' worth of CPU that other
+    processes (and other guests' steal) used since, from /proc/stat less this process's own
+    time; None where /proc/stat cannot be read."""
+
+    def sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        mine = os.times()
+        return (sum(fields[:8]) - idle) / ticks, mine.user + mine.system, time.monotonic()
+
+    first = sample()
+
+    def since() -> float | None:
+        last = sample()
+        if first is None or last is None or last[2] <= first[2]:
+            return None
+        others = (last[0] - first[0]) - (last[1] - first[1])
+        return max(0.0, others) / (last[2] - first[2])
+
+    return since
 
 
 def pick(best: dict[int, float], most: int) -> int:

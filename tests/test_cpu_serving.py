@@ -314,6 +314,46 @@ def test_every_core_only_where_the_model_is_much_faster_with_them() -> None:
     assert pick({16: 1.0, 1: ALL_CORES_SPEEDUP}, 16) == 16  # the bound itself counts
 
 
+def test_a_busy_machine_chooses_by_the_model_size() -> None:
+    """Beside a busy neighbour every core is barely faster than one for any model: ViT-L,
+    started so, would keep one thread after the neighbour left (#16)."""
+    from cpu_threads import BIG_MODEL_S, BUSY_CORES, decide
+
+    vit_l_beside_neighbour = {2: 3.0, 1: 3.3}  # 1.1x: the timing alone says one thread
+    assert decide(vit_l_beside_neighbour, 2, None, 3.0) == 1  # /proc/stat unreadable
+    assert decide(vit_l_beside_neighbour, 2, 0.0, 3.0) == 1  # quiet: the timing is believed
+    assert decide(vit_l_beside_neighbour, 2, 1.0, 3.0) == 2  # busy: a big model gets all
+    assert decide({2: 0.0289, 1: 0.0369}, 2, 1.0, 0.005) == 1  # the tiny model keeps one
+    assert decide({2: 1.05, 1: 2.0}, 2, 0.0, 1.05) == 2
+    assert decide({2: 0.03, 1: 0.03}, 2, BUSY_CORES, BIG_MODEL_S) == 2  # the bounds count
+
+
+def _others_while(work: Callable[[], object]) -> float | None:
+    from cpu_threads import others_cpu
+
+    since = others_cpu()
+    work()
+    return since()
+
+
+def test_other_processes_cpu_is_seen_and_this_ones_is_not() -> None:
+    def spin(seconds: float = 1.0) -> None:
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            pass
+
+    mine = _others_while(spin)  # a core's worth of this process's own work
+    assert mine is not None and mine < 0.5
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = _others_while(lambda: time.sleep(1.0))
+    finally:
+        neighbour.kill()
+        neighbour.wait(timeout=10)
+    assert busy is not None and busy >= 0.5
+
+
 def test_choose_threads_keeps_the_faster_setting(tiny_captioner) -> None:
     import torch
 
