@@ -5,7 +5,8 @@ calling thread), when TORCH_THREADS is not set.
 
 The timing says how much the model gains from more cores only on a quiet machine: beside a busy
 neighbour every core is barely faster than one, whatever the model (measured: ViT-L started
-beside one chose one thread, and kept it after the neighbour left, where it runs 1.9x slower).
+beside one chose one thread, and the choice is kept for the life of the process, so on a quiet
+machine it ran a batch 1.9x slower than with both cores).
 So where other processes used the CPU while it timed, the choice goes by the model's size
 instead: every core for a model whose one image takes `BIG_MODEL_S` or more, else one.
 """
