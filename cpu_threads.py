@@ -1,14 +1,18 @@
 """How many cores the model's own thread should use: all of them, or one.
 
-Called once at start-up on the inference thread (torch's thread count is an OpenMP setting of the
-calling thread), when TORCH_THREADS is not set.
+Two choices, both on the inference thread (torch's thread count is an OpenMP setting of the
+calling thread), both only where TORCH_THREADS is not set:
 
-The timing says how much the model gains from more cores only on a quiet machine: beside a busy
-neighbour every core is barely faster than one, whatever the model (measured: ViT-L started
-beside one chose one thread, and the choice is kept for the life of the process, so on a quiet
-machine it ran a batch 1.9x slower than with both cores).
-So where other processes used the CPU while it timed, the choice goes by the model's size
-instead: every core for a model whose one image takes `BIG_MODEL_S` or more, else one.
+- at start-up, `choose_threads` times the model with every core and with one: the count it
+  runs on while the machine is quiet. The timing says how much the model gains from more cores
+  only on a quiet machine (beside a busy neighbour every core is barely faster than one, whatever
+  the model), so where other processes used the CPU while it timed, the model's size decides
+  instead: every core for a model whose one image takes `BIG_MODEL_S` or more, else one;
+- before each batch, `LoadFollower` keeps that count while the CPU is quiet and drops to one
+  thread while other processes hold `BUSY_CORES` or more of it. Measured (ViT-L, 2 cores,
+  docs/performance.md): beside a busy neighbour two threads serve at 0.84 of one, and on a quiet
+  machine one thread runs a batch 1.9x slower than two, so no count chosen once is right both
+  ways when a neighbour comes or goes after start-up.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from captioner.base import CaptionModel
+
+Result = TypeVar("Result")
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +136,53 @@ def others_cpu() -> Callable[[], float | None]:
 def pick(best: dict[int, float], most: int) -> int:
     """`most` if its best time beats one thread's by `ALL_CORES_SPEEDUP`, else 1."""
     return most if best[1] >= ALL_CORES_SPEEDUP * best[most] else 1
+
+
+class LoadFollower:
+    """The model's thread count, chosen before each batch from the load of the moment: `quiet`
+    (the start-up choice) while other processes used less than `BUSY_CORES` since the last
+    batch began, else one. Runs on the inference thread; `threads` and `batches` are read by
+    /metrics from other threads (plain int reads; `batches` never gains keys)."""
+
+    def __init__(
+        self,
+        quiet: int,
+        set_threads: Callable[[int], None],
+        measure: Callable[[], Callable[[], float | None]] = others_cpu,
+    ) -> None:
+        """`set_threads`: applies a count on the calling thread; `measure`: starts a measurement
+        of other processes' CPU (`others_cpu`)."""
+        self.quiet = max(1, quiet)
+        self.threads = self.quiet
+        #: Batches run, by the threads they ran on.
+        self.batches = dict.fromkeys(sorted({1, self.quiet}), 0)
+        self._set = set_threads
+        self._measure = measure
+        self._since = measure()
+
+    def before_batch(self) -> int:
+        """Set and return the count for the batch about to run."""
+        busy, self._since = self._since(), self._measure()
+        wanted = 1 if busy is not None and busy >= BUSY_CORES else self.quiet
+        if wanted != self.threads:
+            self._set(wanted)
+            log.info(
+                "torch threads: %d (other processes used %.2f cores since the last batch began)",
+                wanted,
+                busy or 0.0,
+            )
+            self.threads = wanted
+        self.batches[wanted] += 1
+        return wanted
+
+
+def follow_load(
+    run_batch: Callable[[Any, Any], Result], follower: LoadFollower
+) -> Callable[[Any, Any], Result]:
+    """`run_batch` with `follower` choosing the thread count before each call."""
+
+    def run(items: Any, options: Any) -> Result:
+        follower.before_batch()
+        return run_batch(items, options)
+
+    return run

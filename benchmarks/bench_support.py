@@ -9,11 +9,41 @@ import io
 import os
 import platform
 import random
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a server to bind."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(
+    base: str, proc: subprocess.Popen[bytes], log: Path | None = None, timeout: float = 900
+) -> None:
+    """Until the server at `base` answers /health with 200 (it may load a large model first);
+    an error with its log's end where it exits, or after `timeout` seconds."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log and log.is_file() else ""
+            raise RuntimeError(f"server exited with {proc.returncode}; its log ends:\n{tail}")
+        try:
+            if requests.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server did not become ready")
 
 
 def machine() -> dict[str, Any]:
@@ -131,6 +161,19 @@ def model_threads(base: str, timeout: float = 10.0) -> int | None:
         if line.startswith("blip2_model_threads "):
             return int(float(line.rsplit(" ", 1)[1]))
     return None
+
+
+def thread_batches(base: str, timeout: float = 10.0) -> dict[str, int]:
+    """Batches the service ran by the threads they ran on (where it chooses per batch), from
+    its /metrics; empty where it does not say (TORCH_THREADS set)."""
+    import requests
+
+    found: dict[str, int] = {}
+    for line in requests.get(base + "/metrics", timeout=timeout).text.splitlines():
+        if line.startswith('blip2_model_thread_batches_total{threads="'):
+            labels, value = line.rsplit(" ", 1)
+            found[labels.split('"')[1]] = int(float(value))
+    return found
 
 
 def batch_histogram(base: str, timeout: float = 10.0) -> dict[str, int]:

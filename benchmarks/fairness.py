@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_support import (  # noqa: E402
     busy_neighbour,
     describe,
+    free_port,
     machine,
     model_threads,
     parse_variant,
@@ -50,12 +50,6 @@ TINY_YAML = ROOT / "models" / "tiny-shapes" / "model.yaml"
 READY_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 60
 TARGET_RATIO = 2.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_service(workdir: Path, extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:

@@ -25,7 +25,6 @@ import concurrent.futures as cf
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,16 +47,18 @@ from bench_support import (  # noqa: E402
     busy_neighbour,
     cpu_counters,
     describe,
+    free_port,
     machine,
     model_threads,
     parse_variant,
     steal_share,
+    thread_batches,
     tiny_shapes_pngs,
     variant_env,
+    wait_ready,
 )
 
 TINY_YAML = ROOT / "models" / "tiny-shapes" / "model.yaml"
-READY_TIMEOUT_S = 900
 
 
 @dataclass
@@ -87,12 +88,6 @@ class Run:
         return data[min(len(data) - 1, int(q * len(data)))]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare_large_random(workdir: Path, seed: int) -> Path:
     """large_coco with seeded random weights and a placeholder vocab of bert's size."""
     import torch
@@ -108,21 +103,6 @@ def prepare_large_random(workdir: Path, seed: int) -> Path:
         torch.save({"model": model.state_dict()}, spec.checkpoint)  # type: ignore[arg-type]
         del model
     return model_dir
-
-
-def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path | None = None) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log and log.is_file() else ""
-            raise RuntimeError(f"server exited with {proc.returncode}; its log ends:\n{tail}")
-        try:
-            if requests.get(base + "/health", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("server did not become ready")
 
 
 def loopback_url(url: str) -> str:
@@ -267,6 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         help="run ours once per variant, in this run (default: one run, 'default=')",
     )
     parser.add_argument("--neighbour", action="store_true", help="one busy process beside")
+    parser.add_argument(
+        "--neighbour-when",
+        choices=["always", "window", "start"],
+        default="always",
+        help="with --neighbour: from before the first server on (always), only in each server's "
+        "measured window (it arrives after start-up), or only while each server starts and "
+        "warms up (it leaves before the window)",
+    )
     parser.add_argument("--skip-cache", action="store_true", help="no cache-hit phase")
     parser.add_argument(
         "--raw",
@@ -280,8 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--raw needs --url or --skip-baseline (the reference server takes multipart)")
     info = machine()
     print(describe(info), flush=True)
-    with busy_neighbour(args.neighbour):
+    with busy_neighbour(neighbour(args, "always")):
         return run_all(args, info)
+
+
+def neighbour(args: argparse.Namespace, phase: str) -> bool:
+    """Whether the busy neighbour runs in `phase` (always, window or start)."""
+    return bool(args.neighbour) and args.neighbour_when == phase
 
 
 def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
@@ -305,6 +298,7 @@ def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
     results: dict[str, Run] = {}
     histograms: dict[str, dict[str, int]] = {}
     threads: dict[str, int | None] = {}  # what each of our servers' model runs on
+    by_threads: dict[str, dict[str, int]] = {}  # batches by their thread count, all told
     ours_port = free_port()
     send = post_raw if args.raw else post
     ours_env = {
@@ -327,14 +321,17 @@ def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
         log = workdir / f"{label}.log"
         proc = start([sys.executable, "REST.py"], {**ours_env, **extra}, log)
         try:
-            wait_ready(ours_base, proc, log)
-            ours_device = report_device(name, ours_base, args.device)
-            drive("warm-up", ours_base, images[:2], 2, 0.1, timeout)
-            warm = batch_histogram(ours_base)
-            threads[name] = model_threads(ours_base)
-            results[name] = drive(
-                name, ours_base, images, args.clients, args.duration, timeout, send
-            )
+            with busy_neighbour(neighbour(args, "start")):
+                wait_ready(ours_base, proc, log)
+                ours_device = report_device(name, ours_base, args.device)
+                drive("warm-up", ours_base, images[:2], 2, 0.1, timeout)
+                warm = batch_histogram(ours_base)
+                threads[name] = model_threads(ours_base)
+            with busy_neighbour(neighbour(args, "window")):
+                results[name] = drive(
+                    name, ours_base, images, args.clients, args.duration, timeout, send
+                )
+            by_threads[name] = thread_batches(ours_base)
             after = batch_histogram(ours_base)
             histograms[name] = {
                 k: n - warm.get(k, 0) for k, n in after.items() if n - warm.get(k, 0)
@@ -366,11 +363,13 @@ def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
         proc = start(cmd, env, workdir / "baseline.log")
         base = f"http://127.0.0.1:{port}"
         try:
-            wait_ready(base, proc, workdir / "baseline.log")
-            drive("warm-up", base, images[:2], 2, 0.1, timeout)
-            results["baseline"] = drive(
-                "baseline", base, images, args.clients, args.duration, timeout
-            )
+            with busy_neighbour(neighbour(args, "start")):
+                wait_ready(base, proc, workdir / "baseline.log")
+                drive("warm-up", base, images[:2], 2, 0.1, timeout)
+            with busy_neighbour(neighbour(args, "window")):
+                results["baseline"] = drive(
+                    "baseline", base, images, args.clients, args.duration, timeout
+                )
         finally:
             stop(proc)
 
@@ -380,13 +379,19 @@ def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"python {platform.python_version()}, torch {torch.__version__}"
     )
-    print(describe({**info, **machine()}) + (" (a busy neighbour ran)" if args.neighbour else ""))
+    print(
+        describe({**info, **machine()})
+        + (f" (a busy neighbour ran: {args.neighbour_when})" if args.neighbour else "")
+    )
     print(
         f"model: {args.model}, clients: {args.clients}, duration: {args.duration:g}s per server, "
         f"precision (ours): {args.precision}, images: {args.images}, device (ours): {ours_device}"
     )
     for name, hist in histograms.items():
-        print(f"{name} batch sizes (from /metrics): {hist}; model threads: {threads.get(name)}")
+        print(
+            f"{name} batch sizes (from /metrics): {hist}; model threads: {threads.get(name)} "
+            f"at start, batches by threads (warm-up included): {by_threads.get(name) or '-'}"
+        )
     print(f"{'server':<10}{'ok':>6}{'req/s':>10}{'p50 s':>10}{'p95 s':>10}{'steal %':>9}  errors")
     for run in results.values():
         print(
@@ -401,7 +406,7 @@ def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
         "clients": args.clients,
         "precision": args.precision,
         "device": ours_device,
-        "neighbour": args.neighbour,
+        "neighbour": args.neighbour_when if args.neighbour else False,
         "ours_rps": round(ours.throughput, 4),
         "ours_p50_s": round(ours.pct(0.5), 4),
         "ours_p95_s": round(ours.pct(0.95), 4),
@@ -413,6 +418,7 @@ def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
             summary[f"{name}_rps"] = round(run.throughput, 4)
             summary[f"{name}_vs_first"] = round(run.throughput / ours.throughput, 3)
     summary |= {f"{name}_threads": n for name, n in threads.items()}
+    summary |= {f"{name}_batches_by_threads": n for name, n in by_threads.items() if n}
     for name, run in results.items():
         if run.steal is not None:
             summary[f"{name}_steal"] = round(run.steal, 4)

@@ -67,6 +67,8 @@ class CaptionModel(Protocol):
 
     def threads(self) -> int: ...
 
+    def set_threads(self, threads: int) -> None: ...
+
 
 class CaptionerBase(ABC):
     """The family-independent half of a captioner: cast, prepare, batch, warm up, describe."""
@@ -172,3 +174,7 @@ class CaptionerBase(ABC):
         """Threads the model's CPU ops use when called from this thread (the setting is per
         OpenMP thread: ask on the thread that runs the model)."""
         return int(self._torch.get_num_threads())
+
+    def set_threads(self, threads: int) -> None:
+        """Run the model's CPU ops on `threads` threads when called from this thread."""
+        self._torch.set_num_threads(threads)

@@ -189,10 +189,22 @@ class RuntimeCollector(Collector):
         if model.threads is not None:
             yield GaugeMetricFamily(
                 f"{PREFIX}_model_threads",
-                "Threads the model's CPU operations run on: TORCH_THREADS, or the start-up "
-                "choice between one core and all of them.",
+                "Threads the model's CPU operations run on now: TORCH_THREADS, or else the "
+                "start-up choice between one core and all of them, dropped to one for the "
+                "batches that start while other processes keep the CPU busy.",
                 value=model.threads,
             )
+        by_threads = model.thread_batches
+        if by_threads:
+            batches = CounterMetricFamily(
+                f"{PREFIX}_model_thread_batches",
+                "Batches the model ran, by the threads they ran on (where TORCH_THREADS is not "
+                "set, the count is chosen before each batch).",
+                labels=["threads"],
+            )
+            for threads, count in by_threads.items():
+                batches.add_metric([str(threads)], count)
+            yield batches
         if model.load_seconds is not None:
             yield GaugeMetricFamily(
                 f"{PREFIX}_model_load_seconds",

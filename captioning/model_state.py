@@ -12,6 +12,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from captioning.errors import NotReady
+from cpu_threads import LoadFollower
 
 if TYPE_CHECKING:
     from captioner.base import CaptionModel
@@ -32,8 +33,7 @@ class ModelState:
         self.captioner: CaptionModel | None = None
         self.batcher: Batcher[Any, list[str]] | None = None
         self.load_seconds: float | None = None
-        #: Threads the model's ops use on its worker thread (TORCH_THREADS or the start-up choice).
-        self.threads: int | None = None
+        self._threads: int | LoadFollower | None = None
         self._lock = threading.Lock()
 
     def set_ready(
@@ -41,13 +41,27 @@ class ModelState:
         captioner: CaptionModel,
         batcher: Batcher[Any, list[str]],
         load_seconds: float = 0.0,
-        threads: int | None = None,
+        threads: int | LoadFollower | None = None,
     ) -> None:
+        """`threads`: the worker's fixed count, or the follower that sets it per batch."""
         with self._lock:
             self.captioner, self.batcher = captioner, batcher
             self.state, self.reason = LOADED, ""
-            self.load_seconds, self.threads = load_seconds, threads
+            self.load_seconds, self._threads = load_seconds, threads
         log.info("model %s ready on %s", captioner.name, captioner.device)
+
+    @property
+    def threads(self) -> int | None:
+        """Threads the model's ops run on now (TORCH_THREADS, or the start-up choice as the
+        load of the moment adjusts it); None until loaded."""
+        threads = self._threads
+        return threads.threads if isinstance(threads, LoadFollower) else threads
+
+    @property
+    def thread_batches(self) -> dict[int, int]:
+        """Batches run, by their thread count, where it is chosen per batch; else empty."""
+        threads = self._threads
+        return dict(threads.batches) if isinstance(threads, LoadFollower) else {}
 
     def set_failed(self, reason: str) -> None:
         with self._lock:

@@ -8,8 +8,9 @@ Start order (one thread, "model-loader"): OpenMP wait policy (before torch loads
 (bounded by TIMEOUT; falls back to the cache or the bundled default) → emoji refresh thread → job
 store and spool (jobs can be submitted while the model loads) → the batcher's thread, which loads
 and warms up the model itself before serving (with libgomp every thread that runs torch owns an
-OpenMP team; one thread for load, warm-up and inference keeps one team in the process) → job
-worker and job upkeep thread.
+OpenMP team; one thread for load, warm-up and inference keeps one team in the process; on a CPU
+with TORCH_THREADS unset it also sets the team's size before each batch, `cpu_threads.LoadFollower`)
+→ job worker and job upkeep thread.
 Stop order is the reverse: job worker (claims nothing more, finishes and records the items it
 holds, releases the rest) and upkeep → batcher (drained) → emoji refresh → URL fetcher's DNS
 pool → result cache.
@@ -30,6 +31,7 @@ from captioning.metrics import ServiceMetrics
 from captioning.model_state import ModelState
 from captioning.pipeline import Pipeline
 from captioning.result_cache import ResultCache, make_cache
+from cpu_threads import LoadFollower, follow_load
 from emoji_config import EmojiConfigStore
 from image_input.sources import ImageReader
 from openmp_policy import apply_openmp_policy
@@ -94,13 +96,17 @@ class Runtime:
         self.bulk.open()
         started = time.monotonic()
         loaded: list[CaptionModel] = []
-        threads: list[int] = []
+        threads: list[int | LoadFollower] = []
 
         def load_on_worker() -> Any:  # runs on the batcher's own thread
             captioner = self._given_captioner or self._load_captioner()
             loaded.append(captioner)
-            threads.append(captioner.threads())  # the worker's own setting
-            return captioner.caption_prepared
+            if self.settings.torch_threads or not captioner.device.startswith("cpu"):
+                threads.append(captioner.threads())  # the worker's own setting, kept
+                return captioner.caption_prepared
+            follower = LoadFollower(captioner.threads(), captioner.set_threads)
+            threads.append(follower)
+            return follow_load(captioner.caption_prepared, follower)
 
         batcher: Batcher[Any, list[str]] = Batcher(
             None,

@@ -395,5 +395,21 @@ def test_metrics_say_how_many_threads_the_model_runs_on(pinned: str | None) -> N
         else:
             assert choice is not None, service.output()
             assert float(shown.group(1)) == int(choice.group(1)) >= 1
+        resp = requests.post(
+            service.url + "/v3/analyze",
+            data=two_red_circles(),
+            headers={"Content-Type": "image/png"},
+            timeout=60,
+        )
+        assert resp.status_code == 200, resp.text
+        text = requests.get(service.url + "/metrics", timeout=10).text
+        by_threads = re.findall(
+            r'^blip2_model_thread_batches_total\{threads="(\d+)"\} (\S+)$', text, re.M
+        )
+        if pinned:
+            assert by_threads == []  # a pinned count is never changed, so nothing to count
+            assert f"blip2_model_threads {float(pinned)}" in text
+        else:  # chosen before each batch from here on: the one batch is counted
+            assert sum(float(n) for _, n in by_threads) == 1, text
     finally:
         service.close()

@@ -1,0 +1,133 @@
+"""The model's thread count chosen before each batch (`cpu_threads.LoadFollower`, #16): every
+core the start-up choice gave while the CPU is quiet, one while other processes hold it. Checked
+on measured numbers, with a real busy process beside this one, and through a real waitress
+server's /metrics around the tiny model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+from test_metrics import post_png, scrape, threads_of_a_new_thread
+
+from test_rest_api import assert_success, two_red_circles
+
+
+@contextmanager
+def busy_neighbour() -> Iterator[None]:
+    """Another process keeping one core busy, as a neighbour service would."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # running before anything is measured
+        yield
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def fed(values: list[float | None]) -> Callable[[], Callable[[], float | None]]:
+    """A `measure` that reports `values` in turn: other processes' cores over each interval."""
+    given = iter(values)
+    return lambda: lambda: next(given)
+
+
+def test_quiet_keeps_the_start_up_choice_and_busy_gets_one_thread() -> None:
+    from cpu_threads import BUSY_CORES, LoadFollower
+
+    applied: list[int] = []
+    seen = [0.0, 1.0, 0.67, BUSY_CORES, BUSY_CORES - 0.01, None, 0.02]
+    follower = LoadFollower(2, applied.append, measure=fed(seen))
+    chosen = [follower.before_batch() for _ in seen]
+    # 0.67 cores: a neighbour beside two threads of ours; None: /proc/stat unreadable.
+    assert chosen == [2, 1, 1, 1, 2, 2, 2]
+    assert applied == [1, 2]  # set only when the count changes
+    assert follower.threads == 2
+    assert follower.batches == {1: 3, 2: 4}
+
+
+def test_a_one_thread_choice_stays_one_thread() -> None:
+    """The tiny model's start-up choice (one thread) is never widened by a quiet machine."""
+    from cpu_threads import LoadFollower
+
+    applied: list[int] = []
+    follower = LoadFollower(1, applied.append, measure=fed([0.0, 1.0, 0.0, 0.0]))
+    assert [follower.before_batch() for _ in range(3)] == [1, 1, 1]
+    assert applied == [] and follower.batches == {1: 3}
+
+
+def run_on_one_thread(work: Callable[[], object]) -> object:
+    """`work` on a thread of its own, as the inference worker runs (the count is per thread)."""
+    done: list[object] = []
+    worker = threading.Thread(target=lambda: done.append(work()))
+    worker.start()
+    worker.join(timeout=60)
+    assert done, "the worker did not finish"
+    return done[0]
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: there is nothing to choose")
+def test_a_neighbour_that_comes_and_goes_is_followed_on_the_worker_thread() -> None:
+    """A real busy process: the next batch runs on one thread, and within a few seconds of it
+    leaving the batches get every core again; torch's own setting says so on that thread."""
+    import torch
+
+    from cpu_threads import LoadFollower
+
+    def scenario() -> dict[str, object]:
+        follower = LoadFollower(torch.get_num_threads(), torch.set_num_threads)
+        quiet = follower.quiet
+        with busy_neighbour():
+            follower.before_batch()  # starts an interval with the neighbour running
+            time.sleep(1.0)
+            busy = follower.before_batch(), torch.get_num_threads()
+        back = []
+        for _ in range(5):  # each interval after the neighbour left, one second long
+            time.sleep(1.0)
+            back.append(follower.before_batch())
+            if back[-1] == quiet:
+                break
+        return {"quiet": quiet, "busy": busy, "back": back, "now": torch.get_num_threads()}
+
+    seen = run_on_one_thread(scenario)
+    assert isinstance(seen, dict)
+    assert seen["quiet"] >= 2
+    assert seen["busy"] == (1, 1)
+    assert seen["back"][-1] == seen["quiet"] == seen["now"], seen
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: there is nothing to choose")
+def test_metrics_count_batches_by_the_threads_they_ran_on(serve_app, base_settings) -> None:
+    """A real server (TORCH_THREADS unset): batches beside a busy neighbour run on one thread,
+    and /metrics says how many ran on each count and what the model runs on now."""
+    assert base_settings.torch_threads is None
+    quiet = threads_of_a_new_thread()
+    server = serve_app(base_settings.with_overrides(cache_size=0))
+    data = two_red_circles()
+    assert_success(post_png(server.url, data))  # the interval since load
+    with busy_neighbour():
+        time.sleep(1.0)
+        assert_success(post_png(server.url, data))
+        beside = scrape(server.url)
+    assert beside.value("blip2_model_threads") == 1
+    assert beside.value("blip2_model_thread_batches_total", threads="1") >= 1
+    after = beside
+    for _ in range(5):
+        time.sleep(1.0)
+        assert_success(post_png(server.url, data))
+        after = scrape(server.url)
+        if after.value("blip2_model_threads") == quiet:
+            break
+    assert after.value("blip2_model_threads") == quiet
+    ran = {
+        labels["threads"]: after.value("blip2_model_thread_batches_total", **labels)
+        for labels in after.labelled("blip2_model_thread_batches_total")
+    }
+    assert set(ran) == {"1", str(quiet)}
+    assert sum(ran.values()) == after.value("blip2_model_batch_size_count")
+    assert ran[str(quiet)] >= 1 and ran["1"] >= 1
