@@ -45,6 +45,10 @@ BUSY_CORES = 0.25
 #: One image this slow (on every core) is a model whose ops are big enough to split: ViT-L
 #: at 384 px takes about 3 s, the tiny model a few milliseconds.
 BIG_MODEL_S = 0.25
+#: The shortest interval the per-batch choice measures: /proc/stat and the process's own times
+#: count in 10 ms ticks, so over a few tens of milliseconds (a small model's batch) other
+#: processes' share is too coarse to act on; shorter batches keep the count until it is longer.
+FOLLOW_MIN_S = 0.5
 
 
 def choose_threads(captioner: CaptionModel, batch: int = 1) -> int:
@@ -141,14 +145,16 @@ def pick(best: dict[int, float], most: int) -> int:
 class LoadFollower:
     """The model's thread count, chosen before each batch from the load of the moment: `quiet`
     (the start-up choice) while other processes used less than `BUSY_CORES` since the last
-    batch began, else one. Runs on the inference thread; `threads` and `batches` are read by
-    /metrics from other threads (plain int reads; `batches` never gains keys)."""
+    choice (at least `FOLLOW_MIN_S` ago, usually the last batch's start), else one. Runs on the
+    inference thread; `threads` and `batches` are read by /metrics from other threads (plain
+    int reads; `batches` never gains keys)."""
 
     def __init__(
         self,
         quiet: int,
         set_threads: Callable[[int], None],
         measure: Callable[[], Callable[[], float | None]] = others_cpu,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`set_threads`: applies a count on the calling thread; `measure`: starts a measurement
         of other processes' CPU (`others_cpu`)."""
@@ -158,11 +164,19 @@ class LoadFollower:
         self.batches = dict.fromkeys(sorted({1, self.quiet}), 0)
         self._set = set_threads
         self._measure = measure
-        self._since = measure()
+        self._clock = clock
+        self._since, self._from = measure(), clock()
 
     def before_batch(self) -> int:
         """Set and return the count for the batch about to run."""
-        busy, self._since = self._since(), self._measure()
+        now = self._clock()
+        if self.quiet > 1 and now - self._from >= FOLLOW_MIN_S:
+            busy, self._since, self._from = self._since(), self._measure(), now
+            self._follow(busy)
+        self.batches[self.threads] += 1
+        return self.threads
+
+    def _follow(self, busy: float | None) -> None:
         wanted = 1 if busy is not None and busy >= BUSY_CORES else self.quiet
         if wanted != self.threads:
             self._set(wanted)
@@ -172,8 +186,6 @@ class LoadFollower:
                 busy or 0.0,
             )
             self.threads = wanted
-        self.batches[wanted] += 1
-        return wanted
 
 
 def follow_load(

@@ -31,6 +31,9 @@ AB="--ours-env default1= --ours-env threads1a=TORCH_THREADS=1 --ours-env default
 step load-tiny-idle-abab benchmarks/load.py --model tiny --duration 30 --skip-cache --skip-baseline $AB --ours-env default4= --ours-env threads1d=TORCH_THREADS=1
 step load-tiny-busy-abab benchmarks/load.py --model tiny --duration 30 --neighbour --skip-cache --skip-baseline $AB
 step load-large-fp32-busy benchmarks/load.py --large-dir "$out/large-random" --model large-random --duration ${LARGE_BUSY_S:-120} --neighbour --skip-cache --skip-baseline --ours-env default= --ours-env "$ONE" --ours-env "$SPIN0"
+# A neighbour that arrives after start-up (the servers start on a quiet machine and choose every
+# core): the per-batch thread count must follow it down to one thread.
+step load-large-fp32-late benchmarks/load.py --large-dir "$out/large-random" --model large-random --duration ${LARGE_BUSY_S:-120} --neighbour --neighbour-when window --skip-cache --skip-baseline --ours-env default= --ours-env "$ONE" --ours-env "$TWO"
 step load-large-bf16-busy benchmarks/load.py --large-dir "$out/large-random" --model large-random --precision bf16 --duration ${BF16_S:-60} --neighbour --skip-cache --skip-baseline --ours-env default= --ours-env "$ONE" --ours-env "$SPIN0"
 step batch-profile-fp32 benchmarks/batch_profile.py --rounds 2
 step batch-profile-bf16 benchmarks/batch_profile.py --precision bf16 --rounds 2

@@ -37,12 +37,23 @@ def fed(values: list[float | None]) -> Callable[[], Callable[[], float | None]]:
     return lambda: lambda: next(given)
 
 
+def ticking(step: float) -> Callable[[], float]:
+    """A clock that moves `step` seconds each time it is read (one read per batch)."""
+    now = [0.0]
+
+    def read() -> float:
+        now[0] += step
+        return now[0]
+
+    return read
+
+
 def test_quiet_keeps_the_start_up_choice_and_busy_gets_one_thread() -> None:
-    from cpu_threads import BUSY_CORES, LoadFollower
+    from cpu_threads import BUSY_CORES, FOLLOW_MIN_S, LoadFollower
 
     applied: list[int] = []
     seen = [0.0, 1.0, 0.67, BUSY_CORES, BUSY_CORES - 0.01, None, 0.02]
-    follower = LoadFollower(2, applied.append, measure=fed(seen))
+    follower = LoadFollower(2, applied.append, measure=fed(seen), clock=ticking(FOLLOW_MIN_S))
     chosen = [follower.before_batch() for _ in seen]
     # 0.67 cores: a neighbour beside two threads of ours; None: /proc/stat unreadable.
     assert chosen == [2, 1, 1, 1, 2, 2, 2]
@@ -56,9 +67,22 @@ def test_a_one_thread_choice_stays_one_thread() -> None:
     from cpu_threads import LoadFollower
 
     applied: list[int] = []
-    follower = LoadFollower(1, applied.append, measure=fed([0.0, 1.0, 0.0, 0.0]))
+    follower = LoadFollower(1, applied.append, measure=fed([0.0, 1.0, 0.0]), clock=ticking(1.0))
     assert [follower.before_batch() for _ in range(3)] == [1, 1, 1]
     assert applied == [] and follower.batches == {1: 3}
+
+
+def test_short_batches_are_measured_together() -> None:
+    """Batches closer than FOLLOW_MIN_S keep the count; the next choice measures all of them
+    (10 ms ticks cannot tell a neighbour in a few tens of milliseconds)."""
+    from cpu_threads import FOLLOW_MIN_S, LoadFollower
+
+    applied: list[int] = []
+    step = FOLLOW_MIN_S / 4
+    follower = LoadFollower(2, applied.append, measure=fed([1.0, 0.0]), clock=ticking(step))
+    chosen = [follower.before_batch() for _ in range(8)]
+    assert chosen == [2, 2, 2, 1, 1, 1, 1, 2]  # measured at the 4th and the 8th
+    assert applied == [1, 2] and follower.batches == {1: 4, 2: 4}
 
 
 def run_on_one_thread(work: Callable[[], object]) -> object:
