@@ -8,8 +8,9 @@ calling thread), both only where TORCH_THREADS is not set:
   only on a quiet machine (beside a busy neighbour every core is barely faster than one, whatever
   the model), so where other processes used the CPU while it timed, the model's size decides
   instead: every core for a model whose one image takes `BIG_MODEL_S` or more, else one;
-- before each batch, `LoadFollower` keeps that count while the CPU is quiet and drops to one
-  thread while other processes hold `BUSY_CORES` or more of it. Measured (ViT-L, 2 cores,
+- before each batch, `LoadFollower` keeps that count while the CPU is quiet and gives up a
+  thread for every core other processes hold (from `BUSY_CORES` of it on; on two cores, one
+  thread while a neighbour runs). Measured (ViT-L, 2 cores,
   docs/performance.md): beside a busy neighbour two threads serve at 0.84 of one, and on a quiet
   machine one thread runs a batch 1.9x slower than two, so no count chosen once is right both
   ways when a neighbour comes or goes after start-up.
@@ -18,6 +19,7 @@ calling thread), both only where TORCH_THREADS is not set:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -49,6 +51,8 @@ BIG_MODEL_S = 0.25
 #: count in 10 ms ticks, so over a few tens of milliseconds (a small model's batch) other
 #: processes' share is too coarse to act on; shorter batches keep the count until it is longer.
 FOLLOW_MIN_S = 0.5
+#: How far below a bound other processes' use must fall before the count rises again.
+RISE_MARGIN = 0.1
 
 
 def choose_threads(captioner: CaptionModel, batch: int = 1) -> int:
@@ -109,21 +113,48 @@ def decide(best: dict[int, float], most: int, busy: float | None, one_image: flo
     return pick(best, most)
 
 
-def others_cpu() -> Callable[[], float | None]:
+def usable_cpus() -> frozenset[int] | None:
+    """The CPUs this process may run on (a container's cpuset, taskset); None where unknown."""
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_seconds(cpus: frozenset[int] | None) -> float | None:
+    """CPU seconds every process has used on `cpus` (all CPUs where None) since boot, from
+    /proc/stat; None where it cannot be read."""
+    wanted = None if cpus is None else {f"cpu{n}" for n in cpus}
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                name, *values = line.split()
+                if not name.startswith("cpu") or (name == "cpu") != (wanted is None):
+                    continue  # the "cpu" line sums every CPU; "cpuN" lines are one each
+                if wanted is not None and name not in wanted:
+                    continue
+                fields = [int(v) for v in values[:8]]
+                total += sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / ticks
+
+
+def others_cpu(cpus: frozenset[int] | None = None) -> Callable[[], float | None]:
     """Start measuring: the returned function gives the cores' worth of CPU that other
-    processes (and other guests' steal) used since, from /proc/stat less this process's own
-    time; None where /proc/stat cannot be read."""
+    processes (and other guests' steal) used since on `cpus` (default: this process's own,
+    so a container's cpuset counts and the rest of its host does not), from /proc/stat less
+    this process's own time; None where /proc/stat cannot be read."""
+    cpus = cpus if cpus is not None else usable_cpus()
 
     def sample() -> tuple[float, float, float] | None:
-        try:
-            with open("/proc/stat", encoding="ascii") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
+        busy = busy_seconds(cpus)
+        if busy is None:
             return None
-        ticks = os.sysconf("SC_CLK_TCK")
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
         mine = os.times()
-        return (sum(fields[:8]) - idle) / ticks, mine.user + mine.system, time.monotonic()
+        return busy, mine.user + mine.system, time.monotonic()
 
     first = sample()
 
@@ -145,9 +176,12 @@ def pick(best: dict[int, float], most: int) -> int:
 class LoadFollower:
     """The model's thread count, chosen before each batch from the load of the moment: `quiet`
     (the start-up choice) while other processes used less than `BUSY_CORES` since the last
-    choice (at least `FOLLOW_MIN_S` ago, usually the last batch's start), else one. Runs on the
-    inference thread; `threads` and `batches` are read by /metrics from other threads (plain
-    int reads; `batches` never gains keys)."""
+    choice (at least `FOLLOW_MIN_S` ago, usually the last batch's start), else one thread fewer
+    for every core they held, from a quarter of it on (`threads_for`), and never fewer than one.
+    A count rises again only once other processes' use is `RISE_MARGIN` below the bound that
+    lowered it, so a neighbour near a bound does not flip it every batch. Runs on the inference
+    thread; `threads` and `batches` are read by /metrics from other threads (plain int reads;
+    `batches` never gains keys)."""
 
     def __init__(
         self,
@@ -155,13 +189,15 @@ class LoadFollower:
         set_threads: Callable[[int], None],
         measure: Callable[[], Callable[[], float | None]] = others_cpu,
         clock: Callable[[], float] = time.monotonic,
+        cores: int | None = None,
     ) -> None:
         """`set_threads`: applies a count on the calling thread; `measure`: starts a measurement
-        of other processes' CPU (`others_cpu`)."""
+        of other processes' CPU (`others_cpu`); `cores`: the CPUs this process may use."""
         self.quiet = max(1, quiet)
+        self.cores = cores or len(usable_cpus() or ()) or os.cpu_count() or 1
         self.threads = self.quiet
         #: Batches run, by the threads they ran on.
-        self.batches = dict.fromkeys(sorted({1, self.quiet}), 0)
+        self.batches = dict.fromkeys(range(1, self.quiet + 1), 0)
         self._set = set_threads
         self._measure = measure
         self._clock = clock
@@ -171,21 +207,36 @@ class LoadFollower:
         """Set and return the count for the batch about to run."""
         now = self._clock()
         if self.quiet > 1 and now - self._from >= FOLLOW_MIN_S:
-            busy, self._since, self._from = self._since(), self._measure(), now
-            self._follow(busy)
+            span, busy = now - self._from, self._since()
+            self._since, self._from = self._measure(), now
+            self._follow(busy, span)
         self.batches[self.threads] += 1
         return self.threads
 
-    def _follow(self, busy: float | None) -> None:
-        wanted = 1 if busy is not None and busy >= BUSY_CORES else self.quiet
+    def _follow(self, busy: float | None, span: float) -> None:
+        wanted = threads_for(busy, self.quiet, self.cores)
+        if wanted > self.threads and busy is not None:
+            wanted = max(self.threads, threads_for(busy + RISE_MARGIN, self.quiet, self.cores))
         if wanted != self.threads:
             self._set(wanted)
             log.info(
-                "torch threads: %d (other processes used %.2f cores since the last batch began)",
+                "torch threads: %d (other processes used %.2f cores over the last %.1f s)",
                 wanted,
                 busy or 0.0,
+                span,
             )
             self.threads = wanted
+
+
+def threads_for(busy: float | None, quiet: int, cores: int) -> int:
+    """Threads for a batch while other processes use `busy` cores of `cores`: `quiet` below
+    `BUSY_CORES`, else one fewer than the cores for every core they hold from a quarter of it
+    on (0.25-1.24 cores: one, 1.25-2.24: two, ...), at most `quiet`, at least one. On two cores
+    with every core chosen, any neighbour from a quarter core on means one thread."""
+    if busy is None or busy < BUSY_CORES:
+        return quiet
+    held = math.floor(busy + 1 - BUSY_CORES)
+    return max(1, min(quiet, cores - held))
 
 
 def follow_load(

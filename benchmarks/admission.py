@@ -39,7 +39,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_support import describe, free_port, machine, variant_env, wait_ready  # noqa: E402  # noqa: E402
+from bench_support import describe, free_port, machine, variant_env, wait_ready  # noqa: E402
 
 TINY_YAML = ROOT / "models" / "tiny-shapes" / "model.yaml"
 TARGET_P95_S = 0.1

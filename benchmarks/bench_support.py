@@ -153,8 +153,8 @@ def busy_neighbour(enabled: bool) -> Iterator[None]:
 
 
 def model_threads(base: str, timeout: float = 10.0) -> int | None:
-    """Threads the service's model runs on (TORCH_THREADS or its start-up choice), from its
-    /metrics; None where it does not say."""
+    """Threads the service's model runs on now (TORCH_THREADS, or its start-up choice as the
+    per-batch choice left it), from its /metrics; None where it does not say."""
     import requests
 
     for line in requests.get(base + "/metrics", timeout=timeout).text.splitlines():

@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--large-dir", type=Path, help="keep the random large_coco here (reused)")
     args = parser.parse_args(argv)
+    if args.neighbour_when != "always" and not args.neighbour:
+        parser.error("--neighbour-when needs --neighbour")
     if args.raw and not (args.url or args.skip_baseline):
         parser.error("--raw needs --url or --skip-baseline (the reference server takes multipart)")
     info = machine()
@@ -323,10 +325,10 @@ def run_all(args: argparse.Namespace, info: dict[str, object]) -> int:
         try:
             with busy_neighbour(neighbour(args, "start")):
                 wait_ready(ours_base, proc, log)
+                threads[name] = model_threads(ours_base)  # the start-up choice
                 ours_device = report_device(name, ours_base, args.device)
                 drive("warm-up", ours_base, images[:2], 2, 0.1, timeout)
                 warm = batch_histogram(ours_base)
-                threads[name] = model_threads(ours_base)
             with busy_neighbour(neighbour(args, "window")):
                 results[name] = drive(
                     name, ours_base, images, args.clients, args.duration, timeout, send

@@ -190,8 +190,8 @@ class RuntimeCollector(Collector):
             yield GaugeMetricFamily(
                 f"{PREFIX}_model_threads",
                 "Threads the model's CPU operations run on now: TORCH_THREADS, or else the "
-                "start-up choice between one core and all of them, dropped to one for the "
-                "batches that start while other processes keep the CPU busy.",
+                "start-up choice between one core and all of them, less a thread for every "
+                "core other processes held before the batch began (at least one).",
                 value=model.threads,
             )
         by_threads = model.thread_batches
