@@ -239,6 +239,20 @@ def threads_for(busy: float | None, quiet: int, cores: int) -> int:
     return max(1, min(quiet, cores - held))
 
 
+#: The precisions whose thread count follows the load. Measured beside a neighbour that arrived
+#: after start-up (ViT-L, 2 cores, Intel without AMX, docs/performance.md): fp32 serves 1.21x
+#: more on one thread than on two, bf16 1.08x *less* (its products are compute-bound there, and
+#: a second thread still pays with a neighbour on the other core). Where it was not measured to
+#: pay, the start-up count is kept.
+FOLLOWING_PRECISIONS = frozenset({"fp32"})
+
+
+def follows_load(device: str, precision: str, pinned: bool) -> bool:
+    """Whether the model's thread count is chosen per batch (`LoadFollower`): on a CPU, with
+    TORCH_THREADS unset (`pinned` False), in a precision measured to gain from it."""
+    return device.startswith("cpu") and not pinned and precision in FOLLOWING_PRECISIONS
+
+
 def follow_load(
     run_batch: Callable[[Any, Any], Result], follower: LoadFollower
 ) -> Callable[[Any, Any], Result]:

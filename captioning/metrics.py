@@ -190,16 +190,16 @@ class RuntimeCollector(Collector):
             yield GaugeMetricFamily(
                 f"{PREFIX}_model_threads",
                 "Threads the model's CPU operations run on now: TORCH_THREADS, or else the "
-                "start-up choice between one core and all of them, less a thread for every "
-                "core other processes held before the batch began (at least one).",
+                "start-up choice between one core and all of them, in fp32 less a thread for "
+                "every core other processes held before the batch began (at least one).",
                 value=model.threads,
             )
         by_threads = model.thread_batches
         if by_threads:
             batches = CounterMetricFamily(
                 f"{PREFIX}_model_thread_batches",
-                "Batches the model ran, by the threads they ran on (where TORCH_THREADS is not "
-                "set, the count is chosen before each batch).",
+                "Batches the model ran, by the threads they ran on (fp32 on a CPU with "
+                "TORCH_THREADS unset: the count is chosen before each batch).",
                 labels=["threads"],
             )
             for threads, count in by_threads.items():

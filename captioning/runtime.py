@@ -31,7 +31,7 @@ from captioning.metrics import ServiceMetrics
 from captioning.model_state import ModelState
 from captioning.pipeline import Pipeline
 from captioning.result_cache import ResultCache, make_cache
-from cpu_threads import LoadFollower, follow_load
+from cpu_threads import LoadFollower, follow_load, follows_load
 from emoji_config import EmojiConfigStore
 from image_input.sources import ImageReader
 from openmp_policy import apply_openmp_policy
@@ -101,7 +101,8 @@ class Runtime:
         def load_on_worker() -> Any:  # runs on the batcher's own thread
             captioner = self._given_captioner or self._load_captioner()
             loaded.append(captioner)
-            if self.settings.torch_threads or not captioner.device.startswith("cpu"):
+            pinned = bool(self.settings.torch_threads)
+            if not follows_load(captioner.device, captioner.precision, pinned):
                 threads.append(captioner.threads())  # the worker's own setting, kept
                 return captioner.caption_prepared
             follower = LoadFollower(captioner.threads(), captioner.set_threads)

@@ -103,6 +103,17 @@ def test_on_many_cores_a_neighbour_takes_only_the_cores_it_holds() -> None:
     assert applied == [7, 8] and follower.batches[7] == 2 and follower.batches[8] == 1
 
 
+def test_only_fp32_on_a_cpu_with_threads_unpinned_follows_the_load() -> None:
+    """bf16 beside a neighbour served more on two threads than on one (Intel without AMX), so
+    it keeps its start-up count; a GPU and a pinned TORCH_THREADS are never touched."""
+    from cpu_threads import follows_load
+
+    assert follows_load("cpu", "fp32", pinned=False)
+    assert not follows_load("cpu", "bf16", pinned=False)
+    assert not follows_load("cpu", "fp32", pinned=True)
+    assert not follows_load("cuda:0", "fp32", pinned=False)
+
+
 def test_a_one_thread_choice_stays_one_thread() -> None:
     """The tiny model's start-up choice (one thread) is never widened by a quiet machine."""
 
