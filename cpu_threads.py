@@ -124,16 +124,15 @@ def usable_cpus() -> frozenset[int] | None:
 def busy_seconds(cpus: frozenset[int] | None) -> float | None:
     """CPU seconds every process has used on `cpus` (all CPUs where None) since boot, from
     /proc/stat; None where it cannot be read."""
-    wanted = None if cpus is None else {f"cpu{n}" for n in cpus}
+    # The "cpu" line sums every CPU; the "cpuN" lines are one each.
+    wanted = {"cpu"} if cpus is None else {f"cpu{n}" for n in cpus}
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
     try:
         with open("/proc/stat", encoding="ascii") as f:
             for line in f:
                 name, *values = line.split()
-                if not name.startswith("cpu") or (name == "cpu") != (wanted is None):
-                    continue  # the "cpu" line sums every CPU; "cpuN" lines are one each
-                if wanted is not None and name not in wanted:
+                if name not in wanted:
                     continue
                 fields = [int(v) for v in values[:8]]
                 total += sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)
@@ -253,7 +252,7 @@ def follows_load(device: str, precision: str, pinned: bool) -> bool:
     return device.startswith("cpu") and not pinned and precision in FOLLOWING_PRECISIONS
 
 
-def follow_load(
+def with_follower(
     run_batch: Callable[[Any, Any], Result], follower: LoadFollower
 ) -> Callable[[Any, Any], Result]:
     """`run_batch` with `follower` choosing the thread count before each call."""

@@ -152,12 +152,17 @@ def busy_neighbour(enabled: bool) -> Iterator[None]:
         proc.wait(timeout=10)
 
 
+def metrics_lines(base: str, timeout: float = 10.0) -> list[str]:
+    """The lines of the service's /metrics (Prometheus text)."""
+    import requests
+
+    return requests.get(base + "/metrics", timeout=timeout).text.splitlines()
+
+
 def model_threads(base: str, timeout: float = 10.0) -> int | None:
     """Threads the service's model runs on now (TORCH_THREADS, or its start-up choice as the
     per-batch choice left it), from its /metrics; None where it does not say."""
-    import requests
-
-    for line in requests.get(base + "/metrics", timeout=timeout).text.splitlines():
+    for line in metrics_lines(base, timeout):
         if line.startswith("blip2_model_threads "):
             return int(float(line.rsplit(" ", 1)[1]))
     return None
@@ -166,10 +171,8 @@ def model_threads(base: str, timeout: float = 10.0) -> int | None:
 def thread_batches(base: str, timeout: float = 10.0) -> dict[str, int]:
     """Batches the service ran by the threads they ran on (where it chooses per batch), from
     its /metrics; empty where it does not say (TORCH_THREADS set)."""
-    import requests
-
     found: dict[str, int] = {}
-    for line in requests.get(base + "/metrics", timeout=timeout).text.splitlines():
+    for line in metrics_lines(base, timeout):
         if line.startswith('blip2_model_thread_batches_total{threads="'):
             labels, value = line.rsplit(" ", 1)
             found[labels.split('"')[1]] = int(float(value))
@@ -179,11 +182,8 @@ def thread_batches(base: str, timeout: float = 10.0) -> dict[str, int]:
 def batch_histogram(base: str, timeout: float = 10.0) -> dict[str, int]:
     """Batches run by batch-size bucket (`le`), from the service's /metrics (cumulative counts
     turned into per-bucket counts)."""
-    import requests
-
-    text = requests.get(base + "/metrics", timeout=timeout).text
     cumulative: list[tuple[float, int]] = []
-    for line in text.splitlines():
+    for line in metrics_lines(base, timeout):
         if line.startswith("blip2_model_batch_size_bucket"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
             cumulative.append((float(le), int(float(line.rsplit(" ", 1)[1]))))

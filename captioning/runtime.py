@@ -31,7 +31,7 @@ from captioning.metrics import ServiceMetrics
 from captioning.model_state import ModelState
 from captioning.pipeline import Pipeline
 from captioning.result_cache import ResultCache, make_cache
-from cpu_threads import LoadFollower, follow_load, follows_load
+from cpu_threads import LoadFollower, follows_load, with_follower
 from emoji_config import EmojiConfigStore
 from image_input.sources import ImageReader
 from openmp_policy import apply_openmp_policy
@@ -107,7 +107,7 @@ class Runtime:
                 return captioner.caption_prepared
             follower = LoadFollower(captioner.threads(), captioner.set_threads)
             threads.append(follower)
-            return follow_load(captioner.caption_prepared, follower)
+            return with_follower(captioner.caption_prepared, follower)
 
         batcher: Batcher[Any, list[str]] = Batcher(
             None,
