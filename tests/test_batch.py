@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from test_rest_api import encode
+from rest_helpers import encode
 from tiny_shapes import draw, random_scene
 
 TIMEOUT = 60

@@ -18,7 +18,7 @@ from conftest import far
 from blip2_model import GenerationOptions
 from captioning.batcher import DeadlineExceeded, QueueFull
 from captioning.result_cache import MemoryCache, RedisCache, cache_key, cacheable
-from test_rest_api import assert_success, two_red_circles
+from rest_helpers import assert_success, two_red_circles
 
 IMAGE = hashlib.sha256(b"image").digest()  # what the pipeline passes: the image's SHA-256
 IMAGE2 = hashlib.sha256(b"image2").digest()

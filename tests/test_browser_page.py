@@ -24,8 +24,8 @@ import pytest
 import requests
 
 from chromium_browser import WAIT_MS, chromium_context
-from test_rest_api import encode as encode_image
-from test_rest_api import shapes_image, two_red_circles
+from rest_helpers import encode as encode_image
+from rest_helpers import shapes_image, two_red_circles
 
 CIRCLES = "Two red circles on a gray background"
 SQUARE = "One blue square on a white background"

@@ -23,7 +23,7 @@ from PIL import Image
 
 from blip2_model import image_transform, prepare_pixels, yaml_spec
 from captioning.batcher import QueueFull
-from test_rest_api import two_red_circles
+from rest_helpers import two_red_circles
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_YAML = ROOT / "models" / "tiny-shapes" / "model.yaml"

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import requests
 
-from test_rest_api import two_red_circles
+from rest_helpers import two_red_circles
 
 BUSY = "Server busy: too many requests queued, retry shortly"
 

@@ -10,8 +10,8 @@ import time
 import pytest
 import requests
 
+from rest_helpers import two_red_circles
 from service_process import ServiceProcess
-from test_rest_api import two_red_circles
 
 PNG = {"Content-Type": "image/png"}
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import requests
 from PIL import Image
 
+from rest_helpers import two_red_circles
 from service_process import ServiceProcess
-from test_rest_api import two_red_circles
 
 HEALTH_P99_S = 0.100
 PNG = {"Content-Type": "image/png"}

@@ -13,7 +13,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from captioning.batcher import Batcher
-from test_rest_api import assert_success, two_red_circles
+from rest_helpers import assert_success, two_red_circles
 
 HEAVY = {"num_beams": 10, "min_length": 75, "max_length": 75}
 

@@ -22,7 +22,7 @@ from openapi_spec_validator import OpenAPIV31SpecValidator
 
 from captioning.options import OPTIONS, TAGS
 from chromium_browser import WAIT_MS, chromium_context
-from test_rest_api import post_like_orchestrator, two_red_circles
+from rest_helpers import post_like_orchestrator, two_red_circles
 
 JSON = "application/json"
 IGNORED_METHODS = {"HEAD", "OPTIONS"}  # answered by every route (Flask, CORS); see info

@@ -23,8 +23,8 @@ import pytest
 import requests
 
 from log_format import bind_request_id, make_handler, unbind_request_id
+from rest_helpers import assert_success, two_red_circles
 from settings import Settings, SettingsError
-from test_rest_api import assert_success, two_red_circles
 
 ROOT = Path(__file__).resolve().parent.parent
 HEX_ID = re.compile(r"[0-9a-f]{32}")

@@ -17,7 +17,7 @@ import pytest
 from test_metrics import post_png, scrape, threads_of_a_new_thread
 
 from cpu_threads import LoadFollower
-from test_rest_api import assert_success, two_red_circles
+from rest_helpers import assert_success, two_red_circles
 
 
 @contextmanager
