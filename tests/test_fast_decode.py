@@ -1,10 +1,12 @@
 """captioner/fast_decode.py: decoding with per-image cross-attention K/V gives stock LAVIS's
 exact tokens.
 
-Real LAVIS models throughout (no mocks): a small randomly initialised BLIP for the option matrix,
-the full-size large_coco architecture with random weights, and the project's tiny-shapes model.
-Stock and fast run in one process on one model object, so these tests also show that the fast
-path leaves the stock path untouched.
+A small randomly initialised BLIP (real LAVIS modules, no mocks) runs the option matrix: beams,
+returned sequences, lengths, repetition penalty, nucleus sampling, a longer prompt, one step bit
+for bit, K/V projected once per image, the Captioner integration, the bf16 paths and the encoder
+option. Stock and fast run in one process on one model object, so these tests also show that the
+fast path leaves the stock path untouched. The full-size large_coco architecture and the trained
+tiny-shapes model are in test_fast_decode_models.py.
 """
 
 from __future__ import annotations
@@ -16,29 +18,15 @@ from typing import Any
 
 import pytest
 
+from fast_decode_helpers import assert_same, both, gen_kwargs, prompt_ids, stock_forward
+from fast_decode_helpers import one_thread as one_thread  # a fixture, imported for pytest
+
 ROOT = Path(__file__).resolve().parent.parent
-TINY_YAML = ROOT / "models" / "tiny-shapes" / "model.yaml"
 
 SMALL_IMAGE = 32
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """Run this module on one intra-op thread, restored afterwards.
-
-    The CI machine's 2 cores are shared: with 2 OpenMP threads every small op waits for a
-    descheduled peer and the small-model tests run ~80x slower. Stock and fast always run under
-    the same setting, so the comparisons are unaffected.
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -76,87 +64,6 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     with torch.inference_mode():
         embeds = model.forward_encoder({"image": pixels})
     return {"model": model, "spec": spec, "embeds": embeds, "pixels": pixels}
-
-
-@pytest.fixture(scope="module")
-def large_coco(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Full-size blip_caption/large_coco with seeded random weights and one encoded image."""
-    import torch
-
-    import blip2_model
-
-    model_dir = tmp_path_factory.mktemp("large_coco")
-    blip2_model.write_placeholder_tokenizer(model_dir / blip2_model.TOKENIZER_DIRNAME)
-    spec = blip2_model.lavis_spec("blip_caption", "large_coco", model_dir)
-    torch.manual_seed(0)
-    model = blip2_model.build_model(spec).eval()
-    pixels = torch.randn(1, 3, spec.image_size, spec.image_size)
-    with torch.inference_mode():
-        embeds = model.forward_encoder({"image": pixels})
-    return {"model": model, "spec": spec, "embeds": embeds, "pixels": pixels}
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def stock_forward(dec: Any, ids: Any, repeated: Any) -> Any:
-    """One stock LAVIS decoder pass over image embeddings already repeated per beam."""
-    import torch
-
-    return dec(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        encoder_hidden_states=repeated,
-        encoder_attention_mask=torch.ones(repeated.shape[:-1], dtype=torch.long),
-        return_dict=True,
-        is_decoder=True,
-    )
-
-
-def prompt_ids(model: Any, text: str, rows: int) -> Any:
-    """What Captioner._prompt_ids makes: [DEC] + prompt tokens, final [SEP] dropped."""
-    ids = model.tokenizer([text] * rows, return_tensors="pt").input_ids
-    ids[:, 0] = model.tokenizer.bos_token_id
-    return ids[:, :-1]
-
-
-def gen_kwargs(model: Any, **kw: Any) -> dict[str, Any]:
-    tok = model.tokenizer
-    base = {
-        "max_length": 20,
-        "min_length": 5,
-        "eos_token_id": tok.sep_token_id,
-        "pad_token_id": tok.pad_token_id,
-        "repetition_penalty": 1.0,
-    }
-    base.update(kw)
-    if not base.get("do_sample"):
-        base.setdefault("num_beams", 3)
-        base.setdefault("num_return_sequences", 1)
-    return base
-
-
-def both(model: Any, prompt: Any, embeds: Any, seed: int | None = None, **kw: Any) -> tuple:
-    """(stock ids, fast ids) for the same inputs, each from the same RNG state if seeded."""
-    import torch
-
-    import blip2_model
-    from captioner import fast_decode
-
-    outs = []
-    for fn in (blip2_model.stock_generate, fast_decode.generate):
-        if seed is not None:
-            torch.manual_seed(seed)
-        with torch.inference_mode():
-            outs.append(fn(model.text_decoder, prompt, embeds, **kw))
-    return outs[0], outs[1]
-
-
-def assert_same(model: Any, stock: Any, fast: Any) -> None:
-    assert stock.shape == fast.shape
-    assert stock.tolist() == fast.tolist()
-    decode = model.tokenizer.batch_decode
-    assert decode(stock, skip_special_tokens=True) == decode(fast, skip_special_tokens=True)
 
 
 # --------------------------------------------------------------------------- small random model
@@ -501,70 +408,3 @@ def test_import_is_light() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["False", "False"]
-
-
-# --------------------------------------------------------------------------- full-size large_coco
-
-
-def test_large_coco_random_weights_identical(large_coco: dict) -> None:
-    """The real architecture (ViT-L, 12-layer BERT, 30524-token vocab), beams 3 and greedy."""
-    model, embeds = large_coco["model"], large_coco["embeds"]
-    prompt = prompt_ids(model, large_coco["spec"].prompt, 1)
-    for kw in (
-        gen_kwargs(model, num_beams=3, num_return_sequences=2, min_length=9, max_length=9),
-        gen_kwargs(model, num_beams=1, min_length=9, max_length=9, repetition_penalty=1.2),
-    ):
-        stock, fast = both(model, prompt, embeds, **kw)
-        assert stock.shape[1] == 9
-        assert_same(model, stock, fast)
-
-
-def test_large_coco_optimize_model_round_trip(large_coco: dict) -> None:
-    """On the real ViT-L (whose last blocks carry LAVIS's checkpoint wrappers): fp32 encoder
-    output unchanged while optimized, and restore_model puts LAVIS's own forwards back."""
-    import torch
-
-    from captioner import fast_decode
-
-    model = large_coco["model"]
-    blocks = model.visual_encoder.blocks
-    before = [b.attn.__dict__.get("forward") for b in blocks]
-    assert any(f is not None for f in before)  # the checkpoint-wrapped blocks
-    try:
-        assert fast_decode.optimize_model(model) == len(blocks)
-        pixels = large_coco["pixels"]
-        with torch.inference_mode():
-            assert torch.equal(model.forward_encoder({"image": pixels}), large_coco["embeds"])
-    finally:
-        fast_decode.restore_model(model)
-    assert [b.attn.__dict__.get("forward") for b in blocks] == before
-
-
-# --------------------------------------------------------------------------- tiny-shapes model
-
-
-@pytest.mark.skipif(not TINY_YAML.is_file(), reason=f"tiny-shapes model absent: {TINY_YAML}")
-def test_tiny_shapes_captions_identical(tiny_captioner: Any) -> None:
-    """The project's trained tiny model: real captions, stock vs fast, several option sets."""
-    import torch
-
-    import blip2_model
-    import tiny_shapes
-
-    rng = random.Random(2024)
-    images = [tiny_shapes.sample(rng)[0] for _ in range(6)]
-    fast = blip2_model.Captioner(tiny_captioner.model, tiny_captioner.spec, decode="fast")
-    stock = blip2_model.Captioner(tiny_captioner.model, tiny_captioner.spec, decode="stock")
-    for opts in (
-        blip2_model.GenerationOptions(),
-        blip2_model.GenerationOptions(num_beams=4, num_captions=3, max_length=20),
-        blip2_model.GenerationOptions(num_beams=1, repetition_penalty=1.5),
-    ):
-        expected = stock.caption(images, opts)
-        assert fast.caption(images, opts) == expected
-    assert any(c[0] for c in expected)
-    sampling = blip2_model.GenerationOptions(use_nucleus_sampling=True, num_captions=2)
-    torch.manual_seed(5)
-    expected = stock.caption(images, sampling)
-    torch.manual_seed(5)
-    assert fast.caption(images, sampling) == expected

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from test_fast_decode import stock_forward
+
+from fast_decode_helpers import stock_forward
 
 
 @pytest.fixture(scope="module")

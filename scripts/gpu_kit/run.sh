@@ -215,9 +215,9 @@ fi
 # needs about 270 s for them.
 tiny_limit=300
 [ "$MODE" = gpu ] || tiny_limit=600
-stage tiny-tests "$tiny_limit" "pytest tests/test_model.py tests/test_fast_decode.py (tiny model, CPU)" \
-  "$PY" -m pytest -p no:cacheprovider tests/test_model.py tests/test_fast_decode.py -q -rs \
-  --junitxml="$OUT/tiny-tests.xml"
+stage tiny-tests "$tiny_limit" "pytest tests/test_model.py tests/test_fast_decode*.py (tiny model, CPU)" \
+  "$PY" -m pytest -p no:cacheprovider tests/test_model.py tests/test_fast_decode.py \
+  tests/test_fast_decode_models.py -q -rs --junitxml="$OUT/tiny-tests.xml"
 
 # ---- what every process imported, with versions and where from (kit or host); then the summary
 RESERVE=0
