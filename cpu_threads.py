@@ -47,6 +47,15 @@ BUSY_CORES = 0.25
 #: One image this slow (on every core) is a model whose ops are big enough to split: ViT-L
 #: at 384 px takes about 3 s, the tiny model a few milliseconds.
 BIG_MODEL_S = 0.25
+#: Timing rounds for a model whose caption takes at most `BIG_ROUND_S` on every core.
+SMALL_MODEL_ROUNDS = 5
+BIG_ROUND_S = 0.5
+#: At most this many rounds (a few seconds each) for a bigger model where one round did not show
+#: every core clearly faster. One round once chose one thread for ViT-L on a quiet Zen 4 (the
+#: default's first start of docs/performance.md's one-run table, 2026-12-07), where every core
+#: serves 1.65x more; since the per-batch count never rises above the start-up choice, that
+#: server would have run at 0.6 of its speed on a quiet machine for life.
+BIG_MODEL_ROUNDS = 3
 #: The shortest interval the per-batch choice measures: /proc/stat and the process's own times
 #: count in 10 ms ticks, so over a few tens of milliseconds (a small model's batch) other
 #: processes' share is too coarse to act on; shorter batches keep the count until it is longer.
@@ -79,15 +88,15 @@ def choose_threads(captioner: CaptionModel, batch: int = 1) -> int:
     one_image = time.perf_counter() - started
     images = [image] * (max(1, batch) if one_image < BIG_MODEL_S else 1)
     best: dict[int, float] = {}
-    for round_no in range(5):
+    for round_no in range(max(SMALL_MODEL_ROUNDS, BIG_MODEL_ROUNDS)):
         for threads in (most, 1):
             torch.set_num_threads(threads)
             started = time.perf_counter()
             captioner.caption(images)
             took = time.perf_counter() - started
             best[threads] = min(best.get(threads, took), took)
-        if round_no == 0 and best[most] > 0.5:
-            break  # a big model: one round is clear enough, and each costs seconds
+        if timed_enough(best, most, round_no + 1):
+            break
     busy = others()
     chosen = decide(best, most, busy, one_image)
     torch.set_num_threads(chosen)
@@ -103,6 +112,16 @@ def choose_threads(captioner: CaptionModel, batch: int = 1) -> int:
         else f"; other processes used {busy:.2f} cores meanwhile, so chosen by the model's size",
     )
     return chosen
+
+
+def timed_enough(best: dict[int, float], most: int, rounds: int) -> bool:
+    """Whether `rounds` interleaved timing rounds decide the count: a model whose caption takes
+    under `BIG_ROUND_S` on every core gets `SMALL_MODEL_ROUNDS`; a bigger one stops after one
+    round where every core is clearly faster (`pick`), else after `BIG_MODEL_ROUNDS`, so that one
+    slow round does not put a model that needs every core on one thread for good."""
+    if best[most] <= BIG_ROUND_S:
+        return rounds >= SMALL_MODEL_ROUNDS
+    return pick(best, most) == most or rounds >= BIG_MODEL_ROUNDS
 
 
 def decide(best: dict[int, float], most: int, busy: float | None, one_image: float) -> int:
