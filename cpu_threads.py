@@ -6,8 +6,9 @@ calling thread), both only where TORCH_THREADS is not set:
 - at start-up, `choose_threads` times the model with every core and with one: the count it
   runs on while the machine is quiet. The timing says how much the model gains from more cores
   only on a quiet machine (beside a busy neighbour every core is barely faster than one, whatever
-  the model), so where other processes used the CPU while it timed, the model's size decides
-  instead: every core for a model whose one image takes `BIG_MODEL_S` or more, else one;
+  the model), so where other processes used the CPU while it timed, a small model takes one.
+  A model whose one image takes `BIG_MODEL_S` or more is not timed: it gets every core (one
+  image undersells what a batch of ViT-L gains, and each round costs seconds);
 - before each batch, `LoadFollower` keeps that count while the CPU is quiet and gives up a
   thread for every core other processes hold (from `BUSY_CORES` of it on; on two cores, one
   thread while a neighbour runs). Measured (ViT-L, 2 cores,
@@ -47,15 +48,6 @@ BUSY_CORES = 0.25
 #: One image this slow (on every core) is a model whose ops are big enough to split: ViT-L
 #: at 384 px takes about 3 s, the tiny model a few milliseconds.
 BIG_MODEL_S = 0.25
-#: Timing rounds for a model whose caption takes at most `BIG_ROUND_S` on every core.
-SMALL_MODEL_ROUNDS = 5
-BIG_ROUND_S = 0.5
-#: At most this many rounds (a few seconds each) for a bigger model where one round did not show
-#: every core clearly faster. One round once chose one thread for ViT-L on a quiet Zen 4 (the
-#: default's first start of docs/performance.md's one-run table, 2026-12-07), where every core
-#: serves 1.65x more; since the per-batch count never rises above the start-up choice, that
-#: server would have run at 0.6 of its speed on a quiet machine for life.
-BIG_MODEL_ROUNDS = 3
 #: The shortest interval the per-batch choice measures: /proc/stat and the process's own times
 #: count in 10 ms ticks, so over a few tens of milliseconds (a small model's batch) other
 #: processes' share is too coarse to act on; shorter batches keep the count until it is longer.
@@ -86,17 +78,22 @@ def choose_threads(captioner: CaptionModel, batch: int = 1) -> int:
     started = time.perf_counter()
     captioner.caption([image])
     one_image = time.perf_counter() - started
-    images = [image] * (max(1, batch) if one_image < BIG_MODEL_S else 1)
+    if one_image >= BIG_MODEL_S:
+        log.info(
+            "torch threads: %d (one warm caption took %.1f s: a model this big gets every core)",
+            most,
+            one_image,
+        )
+        return most
+    images = [image] * max(1, batch)
     best: dict[int, float] = {}
-    for round_no in range(max(SMALL_MODEL_ROUNDS, BIG_MODEL_ROUNDS)):
+    for _ in range(5):
         for threads in (most, 1):
             torch.set_num_threads(threads)
             started = time.perf_counter()
             captioner.caption(images)
             took = time.perf_counter() - started
             best[threads] = min(best.get(threads, took), took)
-        if timed_enough(best, most, round_no + 1):
-            break
     busy = others()
     chosen = decide(best, most, busy, one_image)
     torch.set_num_threads(chosen)
@@ -114,21 +111,16 @@ def choose_threads(captioner: CaptionModel, batch: int = 1) -> int:
     return chosen
 
 
-def timed_enough(best: dict[int, float], most: int, rounds: int) -> bool:
-    """Whether `rounds` interleaved timing rounds decide the count: a model whose caption takes
-    under `BIG_ROUND_S` on every core gets `SMALL_MODEL_ROUNDS`; a bigger one stops after one
-    round where every core is clearly faster (`pick`), else after `BIG_MODEL_ROUNDS`, so that one
-    slow round does not put a model that needs every core on one thread for good."""
-    if best[most] <= BIG_ROUND_S:
-        return rounds >= SMALL_MODEL_ROUNDS
-    return pick(best, most) == most or rounds >= BIG_MODEL_ROUNDS
-
-
 def decide(best: dict[int, float], most: int, busy: float | None, one_image: float) -> int:
-    """`pick` on a quiet machine; where other processes used `BUSY_CORES` or more while it
-    was timed (`busy`: cores, None where unknown), every core for a big model, else one."""
+    """Every core for a big model (one image `BIG_MODEL_S` or more), untimed: its ops split
+    well, and one image's timing undersells what a batch gains (ViT-L on Zen 4: 1.37x at one
+    image, while batches of 8 served 1.8x more on two threads; one slow round put it on one
+    thread for good). A small model: `pick` on a quiet machine, one thread where other
+    processes used `BUSY_CORES` or more while it was timed (`busy`: cores, None where unknown)."""
+    if one_image >= BIG_MODEL_S:
+        return most
     if busy is not None and busy >= BUSY_CORES:
-        return most if one_image >= BIG_MODEL_S else 1
+        return 1
     return pick(best, most)
 
 
