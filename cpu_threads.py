@@ -9,27 +9,22 @@ calling thread), both only where TORCH_THREADS is not set:
   the model), so where other processes used the CPU while it timed, a small model takes one.
   A model whose one image takes `BIG_MODEL_S` or more is not timed: it gets every core (one
   image undersells what a batch of ViT-L gains, and each round costs seconds);
-- before each batch, `LoadFollower` keeps that count while the CPU is quiet and gives up a
-  thread for every core other processes hold (from `BUSY_CORES` of it on; on two cores, one
-  thread while a neighbour runs). Measured (ViT-L, 2 cores,
-  docs/performance.md): beside a busy neighbour two threads serve at 0.84 of one, and on a quiet
-  machine one thread runs a batch 1.9x slower than two, so no count chosen once is right both
-  ways when a neighbour comes or goes after start-up.
+- before each batch, `load_follower.LoadFollower` keeps that count while the CPU is quiet and,
+  while other processes hold `BUSY_CORES` or more, times fewer threads against it on the live
+  batches and keeps the faster (no count chosen once is right both ways when a neighbour comes
+  or goes after start-up).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from captioner.base import CaptionModel
-
-Result = TypeVar("Result")
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +43,6 @@ BUSY_CORES = 0.25
 #: One image this slow (on every core) is a model whose ops are big enough to split: ViT-L
 #: at 384 px takes about 3 s, the tiny model a few milliseconds.
 BIG_MODEL_S = 0.25
-#: The shortest interval the per-batch choice measures: /proc/stat and the process's own times
-#: count in 10 ms ticks, so over a few tens of milliseconds (a small model's batch) other
-#: processes' share is too coarse to act on; shorter batches keep the count until it is longer.
-FOLLOW_MIN_S = 0.5
-#: How far below a bound other processes' use must fall before the count rises again.
-RISE_MARGIN = 0.1
 
 
 def choose_threads(captioner: CaptionModel, batch: int = 1) -> int:
@@ -181,95 +170,3 @@ def others_cpu(cpus: frozenset[int] | None = None) -> Callable[[], float | None]
 def pick(best: dict[int, float], most: int) -> int:
     """`most` if its best time beats one thread's by `ALL_CORES_SPEEDUP`, else 1."""
     return most if best[1] >= ALL_CORES_SPEEDUP * best[most] else 1
-
-
-class LoadFollower:
-    """The model's thread count, chosen before each batch from the load of the moment: `quiet`
-    (the start-up choice) while other processes used less than `BUSY_CORES` since the last
-    choice (at least `FOLLOW_MIN_S` ago, usually the last batch's start), else one thread fewer
-    for every core they held, from a quarter of it on (`threads_for`), and never fewer than one.
-    A count rises again only once other processes' use is `RISE_MARGIN` below the bound that
-    lowered it, so a neighbour near a bound does not flip it every batch. Runs on the inference
-    thread; `threads` and `batches` are read by /metrics from other threads (plain int reads;
-    `batches` never gains keys)."""
-
-    def __init__(
-        self,
-        quiet: int,
-        set_threads: Callable[[int], None],
-        measure: Callable[[], Callable[[], float | None]] = others_cpu,
-        clock: Callable[[], float] = time.monotonic,
-        cores: int | None = None,
-    ) -> None:
-        """`set_threads`: applies a count on the calling thread; `measure`: starts a measurement
-        of other processes' CPU (`others_cpu`); `cores`: the CPUs this process may use."""
-        self.quiet = max(1, quiet)
-        self.cores = cores or len(usable_cpus() or ()) or os.cpu_count() or 1
-        self.threads = self.quiet
-        #: Batches run, by the threads they ran on.
-        self.batches = dict.fromkeys(range(1, self.quiet + 1), 0)
-        self._set = set_threads
-        self._measure = measure
-        self._clock = clock
-        self._since, self._from = measure(), clock()
-
-    def before_batch(self) -> int:
-        """Set and return the count for the batch about to run."""
-        now = self._clock()
-        if self.quiet > 1 and now - self._from >= FOLLOW_MIN_S:
-            span, busy = now - self._from, self._since()
-            self._since, self._from = self._measure(), now
-            self._follow(busy, span)
-        self.batches[self.threads] += 1
-        return self.threads
-
-    def _follow(self, busy: float | None, span: float) -> None:
-        wanted = threads_for(busy, self.quiet, self.cores)
-        if wanted > self.threads and busy is not None:
-            wanted = max(self.threads, threads_for(busy + RISE_MARGIN, self.quiet, self.cores))
-        if wanted != self.threads:
-            self._set(wanted)
-            log.info(
-                "torch threads: %d (other processes used %.2f cores over the last %.1f s)",
-                wanted,
-                busy or 0.0,
-                span,
-            )
-            self.threads = wanted
-
-
-def threads_for(busy: float | None, quiet: int, cores: int) -> int:
-    """Threads for a batch while other processes use `busy` cores of `cores`: `quiet` below
-    `BUSY_CORES`, else one fewer than the cores for every core they hold from a quarter of it
-    on (0.25-1.24 cores: one, 1.25-2.24: two, ...), at most `quiet`, at least one. On two cores
-    with every core chosen, any neighbour from a quarter core on means one thread."""
-    if busy is None or busy < BUSY_CORES:
-        return quiet
-    held = math.floor(busy + 1 - BUSY_CORES)
-    return max(1, min(quiet, cores - held))
-
-
-#: The precisions whose thread count follows the load. Measured beside a neighbour that arrived
-#: after start-up (ViT-L, 2 cores, Intel without AMX, docs/performance.md): fp32 serves 1.21x
-#: more on one thread than on two, bf16 1.08x *less* (its products are compute-bound there, and
-#: a second thread still pays with a neighbour on the other core). Where it was not measured to
-#: pay, the start-up count is kept.
-FOLLOWING_PRECISIONS = frozenset({"fp32"})
-
-
-def follows_load(device: str, precision: str, pinned: bool) -> bool:
-    """Whether the model's thread count is chosen per batch (`LoadFollower`): on a CPU, with
-    TORCH_THREADS unset (`pinned` False), in a precision measured to gain from it."""
-    return device.startswith("cpu") and not pinned and precision in FOLLOWING_PRECISIONS
-
-
-def with_follower(
-    run_batch: Callable[[Any, Any], Result], follower: LoadFollower
-) -> Callable[[Any, Any], Result]:
-    """`run_batch` with `follower` choosing the thread count before each call."""
-
-    def run(items: Any, options: Any) -> Result:
-        follower.before_batch()
-        return run_batch(items, options)
-
-    return run

@@ -12,7 +12,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from captioning.errors import NotReady
-from cpu_threads import LoadFollower
+from load_follower import LoadFollower
 
 if TYPE_CHECKING:
     from captioner.base import CaptionModel

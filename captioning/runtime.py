@@ -9,7 +9,8 @@ Start order (one thread, "model-loader"): OpenMP wait policy (before torch loads
 store and spool (jobs can be submitted while the model loads) → the batcher's thread, which loads
 and warms up the model itself before serving (with libgomp every thread that runs torch owns an
 OpenMP team; one thread for load, warm-up and inference keeps one team in the process; on a CPU
-with TORCH_THREADS unset it also sets the team's size before each batch, `cpu_threads.LoadFollower`)
+with TORCH_THREADS unset it also sets the team's size before each batch,
+`load_follower.LoadFollower`)
 → job worker and job upkeep thread.
 Stop order is the reverse: job worker (claims nothing more, finishes and records the items it
 holds, releases the rest) and upkeep → batcher (drained) → emoji refresh → URL fetcher's DNS
@@ -31,9 +32,9 @@ from captioning.metrics import ServiceMetrics
 from captioning.model_state import ModelState
 from captioning.pipeline import Pipeline
 from captioning.result_cache import ResultCache, make_cache
-from cpu_threads import LoadFollower, follows_load, with_follower
 from emoji_config import EmojiConfigStore
 from image_input.sources import ImageReader
+from load_follower import LoadFollower, follows_load, with_follower
 from openmp_policy import apply_openmp_policy
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class Runtime:
             captioner = self._given_captioner or self._load_captioner()
             loaded.append(captioner)
             pinned = bool(self.settings.torch_threads)
-            if not follows_load(captioner.device, captioner.precision, pinned):
+            if not follows_load(captioner.device, pinned):
                 threads.append(captioner.threads())  # the worker's own setting, kept
                 return captioner.caption_prepared
             follower = LoadFollower(captioner.threads(), captioner.set_threads)

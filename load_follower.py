@@ -1,0 +1,218 @@
+"""The model's thread count chosen before each batch, from the load of the moment.
+
+`cpu_threads.choose_threads` picks a count once, at start-up, for a quiet machine. The load
+changes after that: neighbour services come and go. While other processes hold the CPU, whether
+fewer threads serve more is a property of the CPU's kernels and the neighbour, not of anything
+the process can know in advance. Measured (ViT-L, 2 cores, a busy neighbour,
+docs/performance.md): on an Intel guest fp32 served 1.21x more on one thread than on two and
+bf16 1.08x *less*; on Zen 4 bf16 served 1.14x more on one. So a busy machine's count is not
+guessed, it is timed: one measured stretch of batches on the count the load suggests
+(`threads_for`), one on the start-up count, keep the faster per image, and time them again
+every `RETRY_S` while the machine stays busy. A quiet machine gets the start-up count at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from cpu_threads import BUSY_CORES, others_cpu, usable_cpus
+
+Result = TypeVar("Result")
+
+log = logging.getLogger(__name__)
+
+#: The shortest interval the per-batch choice measures: /proc/stat and the process's own times
+#: count in 10 ms ticks, so over a few tens of milliseconds (a small model's batch) other
+#: processes' share is too coarse to act on; shorter batches keep the count until it is longer.
+#: It is also the least batch time each count of a trial gets.
+FOLLOW_MIN_S = 0.5
+#: How far below a bound other processes' use must fall before the count rises again.
+RISE_MARGIN = 0.1
+#: How long a busy machine keeps a trial's verdict before it times both counts again: the
+#: neighbour may change what it does without changing how much CPU it takes. One stretch on
+#: the slower count per retry (ViT-L: one batch, about 10-25 s on 2 cores) costs about 1 %.
+RETRY_S = 300.0
+
+
+@dataclass
+class Trial:
+    """Both counts timed under one load: `counts` in the order they run, per-image seconds."""
+
+    counts: tuple[int, ...]
+    seconds: dict[int, float] = field(default_factory=dict)
+    images: dict[int, int] = field(default_factory=dict)
+
+    def add(self, timed: dict[int, tuple[float, int]]) -> None:
+        for count, (seconds, images) in timed.items():
+            self.seconds[count] = self.seconds.get(count, 0.0) + seconds
+            self.images[count] = self.images.get(count, 0) + images
+
+    def next_count(self) -> int | None:
+        """The count to time next, or None once each has had `FOLLOW_MIN_S` of batches."""
+        for count in self.counts:
+            if self.seconds.get(count, 0.0) < FOLLOW_MIN_S or not self.images.get(count):
+                return count
+        return None
+
+    def per_image(self, count: int) -> float:
+        return self.seconds[count] / self.images[count]
+
+    def fastest(self) -> int:
+        """The count with the least seconds per image; the first one on a tie."""
+        return min(self.counts, key=self.per_image)
+
+
+@dataclass
+class Verdict:
+    """A trial's winner for one pair of counts, and when it was decided."""
+
+    counts: tuple[int, ...]
+    count: int
+    at: float
+
+
+class LoadFollower:
+    """The model's thread count before each batch: `quiet` (the start-up choice) while other
+    processes used less than `BUSY_CORES` since the last choice (at least `FOLLOW_MIN_S` ago,
+    usually the last batch's start). While they use more, the faster of two counts, timed on
+    the live batches: `threads_for` (one thread fewer for every core they hold) and `quiet`.
+    A trial runs each for one measured interval (one ViT-L batch; a few hundred tiny ones),
+    counts only batches whose load was the same when measured after them, and its verdict
+    holds for `RETRY_S`. The load's suggestion rises only once other processes' use is
+    `RISE_MARGIN` below the bound that lowered it. Runs on the inference thread; `threads` and
+    `batches` are read by /metrics from other threads (plain int reads; `batches` never gains
+    keys)."""
+
+    def __init__(
+        self,
+        quiet: int,
+        set_threads: Callable[[int], None],
+        measure: Callable[[], Callable[[], float | None]] = others_cpu,
+        clock: Callable[[], float] = time.monotonic,
+        cores: int | None = None,
+    ) -> None:
+        """`set_threads`: applies a count on the calling thread; `measure`: starts a measurement
+        of other processes' CPU (`others_cpu`); `clock`: seconds, for intervals and batch
+        times; `cores`: the CPUs this process may use."""
+        self.quiet = max(1, quiet)
+        self.cores = cores or len(usable_cpus() or ()) or os.cpu_count() or 1
+        self.threads = self.quiet
+        #: What the load alone suggests (`threads_for`, with the rise margin): `quiet` when quiet.
+        self.suggested = self.quiet
+        #: Batches run, by the threads they ran on.
+        self.batches = dict.fromkeys(range(1, self.quiet + 1), 0)
+        self._set = set_threads
+        self._measure = measure
+        self._clock = clock
+        self._since, self._from = measure(), clock()
+        #: Batch seconds and images by count since the last measurement (not yet vouched for).
+        self._timed: dict[int, tuple[float, int]] = {}
+        self._trial: Trial | None = None
+        self._verdict: Verdict | None = None
+
+    def run(
+        self, run_batch: Callable[[Sequence[Any], Any], Result], items: Sequence[Any], options: Any
+    ) -> Result:
+        """`run_batch(items, options)` on the count chosen for it, timed for the trials."""
+        threads = self.before_batch()
+        started = self._clock()
+        result = run_batch(items, options)
+        self.after_batch(threads, len(items), self._clock() - started)
+        return result
+
+    def before_batch(self) -> int:
+        """Set and return the count for the batch about to run."""
+        now = self._clock()
+        if self.quiet > 1 and now - self._from >= FOLLOW_MIN_S:
+            span, busy = now - self._from, self._since()
+            self._since, self._from = self._measure(), now
+            timed, self._timed = self._timed, {}
+            self._follow(busy, span, timed, now)
+        self.batches[self.threads] += 1
+        return self.threads
+
+    def after_batch(self, threads: int, images: int, seconds: float) -> None:
+        """Record a batch's time; a trial uses it once the next measurement shows the load
+        it ran under was the one the trial is for."""
+        if self._trial is None or images <= 0:
+            return
+        was_seconds, was_images = self._timed.get(threads, (0.0, 0))
+        self._timed[threads] = (was_seconds + seconds, was_images + images)
+
+    def _follow(
+        self, busy: float | None, span: float, timed: dict[int, tuple[float, int]], now: float
+    ) -> None:
+        suggested = threads_for(busy, self.quiet, self.cores)
+        if suggested > self.suggested and busy is not None:
+            suggested = max(self.suggested, threads_for(busy + RISE_MARGIN, self.quiet, self.cores))
+        self.suggested = suggested
+        if suggested == self.quiet:
+            self._trial = None
+            self._apply(self.quiet, f"other processes used {busy or 0.0:.2f} cores", span)
+            return
+        counts = (suggested, self.quiet)
+        if self._trial is not None and self._trial.counts == counts:
+            self._trial.add(timed)  # the batches since the last measurement ran under this load
+        else:
+            verdict = self._verdict
+            if verdict is not None and verdict.counts == counts and now - verdict.at < RETRY_S:
+                self._trial = None
+                self._apply(verdict.count, f"other processes used {busy:.2f} cores", span)
+                return
+            self._trial = Trial(counts)
+        following = self._trial.next_count()
+        if following is not None:
+            self._apply(following, f"timing it: other processes used {busy:.2f} cores", span)
+            return
+        trial, self._trial = self._trial, None
+        winner = trial.fastest()
+        self._verdict = Verdict(counts, winner, now)
+        log.info(
+            "torch threads: %d beside other processes' %.2f cores (%s per image)",
+            winner,
+            busy,
+            ", ".join(f"{trial.per_image(c):.3f} s on {c}" for c in counts),
+        )
+        self._apply(winner, "", span)
+
+    def _apply(self, threads: int, why: str, span: float) -> None:
+        if threads == self.threads:
+            return
+        self._set(threads)
+        if why:
+            log.info("torch threads: %d (%s over the last %.1f s)", threads, why, span)
+        self.threads = threads
+
+
+def threads_for(busy: float | None, quiet: int, cores: int) -> int:
+    """Threads the load suggests while other processes use `busy` cores of `cores`: `quiet`
+    below `BUSY_CORES`, else one fewer than the cores for every core they hold from a quarter of
+    it on (0.25-1.24 cores: one, 1.25-2.24: two, ...), at most `quiet`, at least one. On two
+    cores with every core chosen, any neighbour from a quarter core on suggests one thread."""
+    if busy is None or busy < BUSY_CORES:
+        return quiet
+    held = math.floor(busy + 1 - BUSY_CORES)
+    return max(1, min(quiet, cores - held))
+
+
+def follows_load(device: str, pinned: bool) -> bool:
+    """Whether the model's thread count is chosen per batch (`LoadFollower`): on a CPU, with
+    TORCH_THREADS unset (`pinned` False)."""
+    return device.startswith("cpu") and not pinned
+
+
+def with_follower(
+    run_batch: Callable[[Sequence[Any], Any], Result], follower: LoadFollower
+) -> Callable[[Sequence[Any], Any], Result]:
+    """`run_batch` with `follower` choosing the thread count before each call and timing it."""
+
+    def run(items: Sequence[Any], options: Any) -> Result:
+        return follower.run(run_batch, items, options)
+
+    return run
