@@ -38,34 +38,66 @@ RISE_MARGIN = 0.1
 #: neighbour may change what it does without changing how much CPU it takes. One stretch on
 #: the slower count per retry (ViT-L: one batch, about 10-25 s on 2 cores) costs about 1 %.
 RETRY_S = 300.0
+#: Two counts' mean batch sizes this close (smaller over larger) are compared as they are.
+SAME_SIZE = 0.8
+
+
+@dataclass
+class Timed:
+    """Batches on one count: their seconds, images and number."""
+
+    seconds: float = 0.0
+    images: int = 0
+    batches: int = 0
+
+    def add(self, other: Timed) -> None:
+        self.seconds += other.seconds
+        self.images += other.images
+        self.batches += other.batches
+
+    @property
+    def per_image(self) -> float:
+        return self.seconds / self.images
+
+    @property
+    def mean_batch(self) -> float:
+        return self.images / self.batches
 
 
 @dataclass
 class Trial:
-    """Both counts timed under one load: `counts` in the order they run, per-image seconds."""
+    """Both counts timed under one load, in the order of `counts`. Per-image time depends on
+    the batch size (a batch of 2 costs more per image than one of 8), so two counts are
+    compared only on batches of about one size (`SAME_SIZE`); else the count timed first is
+    timed again at the size of the moment (the service's warm-up batch, then full ones)."""
 
     counts: tuple[int, ...]
-    seconds: dict[int, float] = field(default_factory=dict)
-    images: dict[int, int] = field(default_factory=dict)
+    timed: dict[int, Timed] = field(default_factory=dict)
+    #: Counts in the order their timing completed.
+    done: list[int] = field(default_factory=list)
 
-    def add(self, timed: dict[int, tuple[float, int]]) -> None:
-        for count, (seconds, images) in timed.items():
-            self.seconds[count] = self.seconds.get(count, 0.0) + seconds
-            self.images[count] = self.images.get(count, 0) + images
+    def add(self, timed: dict[int, Timed]) -> None:
+        for count, more in timed.items():
+            self.timed.setdefault(count, Timed()).add(more)
+            if count not in self.done and self.timed[count].seconds >= FOLLOW_MIN_S:
+                self.done.append(count)
 
     def next_count(self) -> int | None:
-        """The count to time next, or None once each has had `FOLLOW_MIN_S` of batches."""
+        """The count to time next, or None once each has had `FOLLOW_MIN_S` of batches of
+        about one size."""
         for count in self.counts:
-            if self.seconds.get(count, 0.0) < FOLLOW_MIN_S or not self.images.get(count):
+            if count not in self.done:
                 return count
-        return None
-
-    def per_image(self, count: int) -> float:
-        return self.seconds[count] / self.images[count]
+        sizes = [self.timed[count].mean_batch for count in self.counts]
+        if min(sizes) >= SAME_SIZE * max(sizes):
+            return None
+        first = self.done.pop(0)
+        del self.timed[first]
+        return first
 
     def fastest(self) -> int:
         """The count with the least seconds per image; the first one on a tie."""
-        return min(self.counts, key=self.per_image)
+        return min(self.counts, key=lambda count: self.timed[count].per_image)
 
 
 @dataclass
@@ -111,8 +143,8 @@ class LoadFollower:
         self._measure = measure
         self._clock = clock
         self._since, self._from = measure(), clock()
-        #: Batch seconds and images by count since the last measurement (not yet vouched for).
-        self._timed: dict[int, tuple[float, int]] = {}
+        #: Batches by count since the last measurement (not yet vouched for).
+        self._timed: dict[int, Timed] = {}
         self._trial: Trial | None = None
         self._verdict: Verdict | None = None
 
@@ -142,12 +174,9 @@ class LoadFollower:
         it ran under was the one the trial is for."""
         if self._trial is None or images <= 0:
             return
-        was_seconds, was_images = self._timed.get(threads, (0.0, 0))
-        self._timed[threads] = (was_seconds + seconds, was_images + images)
+        self._timed.setdefault(threads, Timed()).add(Timed(seconds, images, 1))
 
-    def _follow(
-        self, busy: float | None, span: float, timed: dict[int, tuple[float, int]], now: float
-    ) -> None:
+    def _follow(self, busy: float | None, span: float, timed: dict[int, Timed], now: float) -> None:
         suggested = threads_for(busy, self.quiet, self.cores)
         if suggested > self.suggested and busy is not None:
             suggested = max(self.suggested, threads_for(busy + RISE_MARGIN, self.quiet, self.cores))
@@ -177,7 +206,7 @@ class LoadFollower:
             "torch threads: %d beside other processes' %.2f cores (%s per image)",
             winner,
             busy,
-            ", ".join(f"{trial.per_image(c):.3f} s on {c}" for c in counts),
+            ", ".join(f"{trial.timed[c].per_image:.3f} s on {c}" for c in counts),
         )
         self._apply(winner, "", span)
 

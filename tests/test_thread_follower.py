@@ -47,8 +47,11 @@ class Model:
     """A model on a manual clock: a batch on `n` threads takes `cost[n]` seconds per image.
     `follower.run` reads the clock around it, so the trials time it as they time a real one."""
 
-    def __init__(self, cost: dict[int, float]) -> None:
+    def __init__(self, cost: dict[int, float], per_batch: float = 0.0) -> None:
+        """`per_batch`: seconds each batch costs whatever its size (a small batch pays more
+        per image)."""
         self.cost = cost
+        self.per_batch = per_batch
         self.now = 0.0
         self.starts: list[float] = []
 
@@ -71,7 +74,7 @@ class Model:
         def batch(items: list[int], options: object) -> int:
             assert follower.threads == self.threads  # what it reports is what torch runs on
             self.starts.append(self.now)
-            self.now += self.cost[self.threads] * len(items)
+            self.now += self.per_batch + self.cost[self.threads] * len(items)
             return self.threads
 
         return [follower.run(batch, [0] * images, None) for _ in range(batches)]
@@ -105,6 +108,18 @@ def test_a_busy_machine_times_both_counts_and_keeps_the_faster(
     # The first batch is not measured yet; then one batch on each count, then the winner.
     assert model.run(follower, 8) == [2, 1, 2] + [kept] * 5
     assert follower.threads == kept and follower.suggested == 1
+
+
+def test_a_trial_compares_batches_of_about_one_size() -> None:
+    """The service's warm-up batch of 2 ran on one thread, the first full batch of 8 on two: a
+    batch of 2 costs more per image, so one thread is timed again on a full batch before the
+    verdict (the naive comparison would keep two threads, the slower)."""
+    model = Model({1: 1.0, 2: 1.14}, per_batch=3.0)
+    follower = model.follower(2, [1.0] * 5)
+    model.now = 1.0  # the model loaded and warmed up: the first batch is measured
+    assert model.run(follower, 1, images=2) == [1]
+    assert model.run(follower, 4) == [2, 1, 1, 1]
+    assert (5.0 / 2) > (3.0 + 8 * 1.14) / 8 > (3.0 + 8 * 1.0) / 8  # what a naive look got wrong
 
 
 def test_a_trial_counts_only_batches_whose_load_was_measured_the_same() -> None:
