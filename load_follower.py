@@ -8,7 +8,8 @@ docs/performance.md): on an Intel guest fp32 served 1.21x more on one thread tha
 bf16 1.08x *less*; on Zen 4 bf16 served 1.14x more on one. So a busy machine's count is not
 guessed, it is timed: one measured stretch of batches on the count the load suggests
 (`threads_for`), one on the start-up count, keep the faster per image, and time them again
-every `RETRY_S` while the machine stays busy. A quiet machine gets the start-up count at once.
+while the machine stays busy, no sooner than `RETRY_S` and than the slower count's lost seconds
+make up `RETRY_SHARE` of the time since. A quiet machine gets the start-up count at once.
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ log = logging.getLogger(__name__)
 FOLLOW_MIN_S = 0.5
 #: How far below a bound other processes' use must fall before the count rises again.
 RISE_MARGIN = 0.1
-#: How long a busy machine keeps a trial's verdict before it times both counts again: the
-#: neighbour may change what it does without changing how much CPU it takes. One stretch on
-#: the slower count per retry (ViT-L: one batch, about 10-25 s on 2 cores) costs about 1 %.
+#: How long a busy machine keeps a trial's verdict at least before it times both counts again:
+#: the neighbour may change what it does without changing how much CPU it takes.
 RETRY_S = 300.0
+#: A trial's cost, the seconds the slower count lost against the faster, is at most this share
+#: of the time until the next (measured, ViT-L beside a neighbour on 2 cores: one batch of 8
+#: 10-20 % slower, 2-9 s, so bf16 retries after 5 minutes, fp32 after about 15).
+RETRY_SHARE = 0.01
 #: Two counts' mean batch sizes this close (smaller over larger) are compared as they are.
 SAME_SIZE = 0.8
 
@@ -95,6 +99,13 @@ class Trial:
         del self.timed[first]
         return first
 
+    def lost(self, winner: int) -> float:
+        """Seconds the counts other than `winner` took beyond what `winner` would have."""
+        best = self.timed[winner].per_image
+        return sum(
+            max(0.0, t.seconds - best * t.images) for c, t in self.timed.items() if c != winner
+        )
+
     def fastest(self) -> int:
         """The count with the least seconds per image; the first one on a tie."""
         return min(self.counts, key=lambda count: self.timed[count].per_image)
@@ -102,11 +113,11 @@ class Trial:
 
 @dataclass
 class Verdict:
-    """A trial's winner for one pair of counts, and when it was decided."""
+    """A trial's winner for one pair of counts, and until when it holds."""
 
     counts: tuple[int, ...]
     count: int
-    at: float
+    until: float
 
 
 class LoadFollower:
@@ -116,10 +127,10 @@ class LoadFollower:
     the live batches: `threads_for` (one thread fewer for every core they hold) and `quiet`.
     A trial runs each for one measured interval (one ViT-L batch; a few hundred tiny ones),
     counts only batches whose load was the same when measured after them, and its verdict
-    holds for `RETRY_S`. The load's suggestion rises only once other processes' use is
-    `RISE_MARGIN` below the bound that lowered it. Runs on the inference thread; `threads` and
-    `batches` are read by /metrics from other threads (plain int reads; `batches` never gains
-    keys)."""
+    holds for `RETRY_S` or longer (`RETRY_SHARE`). The load's suggestion rises only once other
+    processes' use is `RISE_MARGIN` below the bound that lowered it. Runs on the inference
+    thread; `threads` and `batches` are read by /metrics from other threads (plain int reads;
+    `batches` never gains keys)."""
 
     def __init__(
         self,
@@ -190,7 +201,7 @@ class LoadFollower:
             self._trial.add(timed)  # the batches since the last measurement ran under this load
         else:
             verdict = self._verdict
-            if verdict is not None and verdict.counts == counts and now - verdict.at < RETRY_S:
+            if verdict is not None and verdict.counts == counts and now < verdict.until:
                 self._trial = None
                 self._apply(verdict.count, f"other processes used {busy:.2f} cores", span)
                 return
@@ -201,12 +212,15 @@ class LoadFollower:
             return
         trial, self._trial = self._trial, None
         winner = trial.fastest()
-        self._verdict = Verdict(counts, winner, now)
+        holds = max(RETRY_S, trial.lost(winner) / RETRY_SHARE)
+        self._verdict = Verdict(counts, winner, now + holds)
         log.info(
-            "torch threads: %d beside other processes' %.2f cores (%s per image)",
+            "torch threads: %d beside other processes' %.2f cores (%s per image; "
+            "timed again in %.0f s while busy)",
             winner,
             busy,
             ", ".join(f"{trial.timed[c].per_image:.3f} s on {c}" for c in counts),
+            holds,
         )
         self._apply(winner, "", span)
 

@@ -150,6 +150,23 @@ def test_a_verdict_holds_while_fresh_and_is_timed_again_after_retry_s() -> None:
     assert model.starts[6 + retry - 1] - decided >= RETRY_S > model.starts[6 + retry - 2] - decided
 
 
+def test_a_costly_trial_is_repeated_less_often() -> None:
+    """A trial whose slower count lost 16 s holds until those seconds are RETRY_SHARE of the
+    time since (1600 s), not only RETRY_S."""
+    from load_follower import RETRY_S, RETRY_SHARE
+
+    model = Model({1: 1.0, 2: 3.0})
+    lost = 8 * 3.0 - 8 * 1.0
+    holds = lost / RETRY_SHARE
+    assert holds > RETRY_S
+    follower = model.follower(2, [1.0] * 400)
+    assert model.run(follower, 4) == [2, 1, 2, 1]
+    decided = model.starts[3]
+    ran = model.run(follower, int(holds / 8) + 4)
+    retry = ran.index(2)
+    assert model.starts[4 + retry - 1] - decided >= holds > model.starts[4 + retry - 2] - decided
+
+
 def test_on_many_cores_a_neighbour_takes_only_the_cores_it_holds() -> None:
     """Eight cores: HAProxy's third of a core or one busy neighbour costs one thread, not
     seven; a start-up choice below the cores left is kept."""
